@@ -1,0 +1,16 @@
+"""Keras layers of anp_vs_tf."""
+from anp_vs_tf.layers.beta_bernoulli import (
+    BetaBernoulliDropout,
+    beta_bernoulli_layers,
+    concrete_sample,
+    kumaraswamy_beta_kl,
+    shared_mask_sample,
+)
+
+__all__ = [
+    "BetaBernoulliDropout",
+    "beta_bernoulli_layers",
+    "concrete_sample",
+    "kumaraswamy_beta_kl",
+    "shared_mask_sample",
+]

@@ -1,0 +1,263 @@
+"""Beta-Bernoulli dropout (Lee et al., 2018): a learned keep probability per unit.
+
+Each unit (the last axis: a neuron of a dense layer or a channel of a channel-last
+feature map) has a keep probability pi ~ Beta(alpha, 1) a priori and a mask
+z ~ Bernoulli(pi). The variational posterior of pi is Kumaraswamy(a, b), a close
+cousin of the Beta whose reparameterized samples and KL to a Beta(alpha, 1) prior
+are both in closed form. A small alpha puts most prior mass near pi = 0, so units
+that do not earn their keep are switched off for good: that is the pruning.
+"""
+
+import contextlib
+import threading
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+
+EULER_GAMMA = 0.5772156649015329
+
+# Bounds on the unconstrained parameters, as in the authors' code: below
+# softplus(-10) a unit is pruned anyway, and these keep digamma, lgamma and
+# the 1/a terms of the KL finite.
+_A_UC_MIN = -10.0
+_B_UC_MIN, _B_UC_MAX = -10.0, 50.0
+# pi is kept this far from {0, 1} so that its logit stays finite.
+_PI_EPS = 1e-6
+
+
+def _softplus_inverse(value):
+    return float(np.log(np.expm1(value)))
+
+
+def kumaraswamy_beta_kl(a, b, alpha):
+    """KL(Kumaraswamy(a, b) || Beta(alpha, 1)), elementwise, in closed form.
+
+    Nalisnick & Smyth (2017), eq. 11: the series term of the general formula
+    carries a factor (beta - 1) and vanishes for the Beta(alpha, 1) prior, leaving
+
+        (1 - alpha/a) (-gamma - digamma(b) - 1/b) + log(a b / alpha) - (b - 1)/b.
+    """
+    a = tf.convert_to_tensor(a)
+    b = tf.convert_to_tensor(b, dtype=a.dtype)
+    alpha = tf.cast(alpha, a.dtype)
+    return (
+        (1.0 - alpha / a) * (-EULER_GAMMA - tf.math.digamma(b) - 1.0 / b)
+        + tf.math.log(a * b / alpha)
+        - (b - 1.0) / b
+    )
+
+
+def concrete_sample(pi, temperature, batch_size, seed):
+    """`batch_size` relaxed Bernoulli(pi) draws at `temperature`: shape (batch_size,) + pi.shape.
+
+    Concrete(pi, t) = sigmoid(Logistic(logit(pi)/t, 1/t)), the distribution of
+    tfd.RelaxedBernoulli. Sampling the logistic and squashing here, rather than calling
+    RelaxedBernoulli.sample, keeps the gradient finite where the sigmoid saturates
+    (TFP's sigmoid bijector gives NaN there, and at t = 0.1 it saturates often).
+    """
+    pi = tf.clip_by_value(pi, _PI_EPS, 1.0 - _PI_EPS)
+    logits = tf.math.log(pi) - tf.math.log1p(-pi)
+    noise = tfd.Logistic(logits / temperature, 1.0 / temperature)
+    return tf.sigmoid(noise.sample(batch_size, seed=seed))
+
+
+class _SharedMaskScope:
+    """Masks drawn once per example and reused by every view of that example."""
+
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+        self.masks = {}
+
+
+_scope_state = threading.local()
+
+
+@contextlib.contextmanager
+def shared_mask_sample(batch_size):
+    """Make every training-mode `BetaBernoulliDropout` reuse one mask per example.
+
+    Vulnerability |z - z~| must measure what the adversarial perturbation does to a
+    feature, not the difference between two dropout draws. Inside this context each
+    layer samples a mask for `batch_size` examples once and tiles it over any batch
+    that stacks several views of those examples, e.g. `tf.concat([x, x_adv], 0)`, or
+    reuses it for separate calls on `x` and `x_adv`.
+
+    The scope is read while a `tf.function` is traced, so it costs nothing per step.
+    """
+    previous = getattr(_scope_state, "scope", None)
+    _scope_state.scope = _SharedMaskScope(batch_size)
+    try:
+        yield _scope_state.scope
+    finally:
+        _scope_state.scope = previous
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class BetaBernoulliDropout(keras.layers.Layer):
+    """Multiplies each unit of the last axis by a learned Beta-Bernoulli mask.
+
+    Training: pi ~ Kumaraswamy(a, b) (one draw per batch, reparameterized), then a
+    relaxed Bernoulli mask z ~ Concrete(pi, temperature) for every example, so the
+    gradient reaches a and b. Inference: the deterministic E_q[pi], with units whose
+    E_q[pi] is below `threshold` set to exactly zero.
+
+    Args:
+        alpha: concentration of the Beta(alpha, 1) prior on pi; small means sparse.
+        temperature: temperature of the concrete relaxation of the Bernoulli mask.
+        threshold: units with E_q[pi] below this are pruned at inference.
+        a_init, b_init: initial Kumaraswamy parameters (positive). The defaults
+            (a = softplus(-1), b = 1, so E_q[pi] ~ 0.24) are the authors' LeNet values.
+        seed: seed of the layer's own random stream.
+    """
+
+    def __init__(
+        self,
+        alpha=1e-4,
+        temperature=0.1,
+        threshold=1e-3,
+        a_init=0.31326169,
+        b_init=1.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be positive, got {alpha}.")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}.")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold}.")
+        if not (a_init > 0 and b_init > 0):
+            raise ValueError(f"a_init and b_init must be positive, got {a_init}, {b_init}.")
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.threshold = float(threshold)
+        self.a_init = float(a_init)
+        self.b_init = float(b_init)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        if len(input_shape) not in (2, 4):
+            raise ValueError(
+                f"{self.name}: BetaBernoulliDropout expects dense (N, C) or channel-last "
+                f"conv (N, H, W, C) activations, got shape {tuple(input_shape)}."
+            )
+        units = input_shape[-1]
+        if units is None:
+            raise ValueError(f"{self.name}: the last (unit) axis must have a known size.")
+        self.units = int(units)
+        self.a_uc = self.add_weight(
+            name="a_uc",
+            shape=(self.units,),
+            initializer=keras.initializers.Constant(_softplus_inverse(self.a_init)),
+        )
+        self.b_uc = self.add_weight(
+            name="b_uc",
+            shape=(self.units,),
+            initializer=keras.initializers.Constant(_softplus_inverse(self.b_init)),
+        )
+
+    # -- the variational posterior and what callers read off it ------------------
+
+    @property
+    def mask_variables(self):
+        """The variables the mask optimizer trains (a and b, unconstrained)."""
+        return [self.a_uc, self.b_uc]
+
+    def concentrations(self):
+        """(a, b) of the Kumaraswamy posterior, as float32 tensors."""
+        a = tf.nn.softplus(tf.maximum(tf.convert_to_tensor(self.a_uc), _A_UC_MIN))
+        b = tf.nn.softplus(tf.clip_by_value(tf.convert_to_tensor(self.b_uc), _B_UC_MIN, _B_UC_MAX))
+        return a, b
+
+    def posterior(self):
+        """q(pi) = Kumaraswamy(a, b), one per unit."""
+        a, b = self.concentrations()
+        return tfd.Kumaraswamy(concentration1=a, concentration0=b)
+
+    def prior(self):
+        """p(pi) = Beta(alpha, 1), one per unit."""
+        ones = tf.ones((self.units,), tf.float32)
+        return tfd.Beta(concentration1=self.alpha * ones, concentration0=ones)
+
+    def keep_probability(self):
+        """E_q[pi] per unit: the deterministic mask value before thresholding."""
+        return self.posterior().mean()
+
+    def active_mask(self):
+        """Boolean per unit: True where E_q[pi] >= threshold (the unit survives)."""
+        return self.keep_probability() >= self.threshold
+
+    def num_active(self):
+        """Number of units that survive pruning (int32 scalar)."""
+        return tf.reduce_sum(tf.cast(self.active_mask(), tf.int32))
+
+    def inference_mask(self):
+        """The mask applied at inference: E_q[pi], exactly zero for pruned units."""
+        keep = self.keep_probability()
+        return tf.where(keep >= self.threshold, keep, tf.zeros_like(keep))
+
+    def kl_divergence(self):
+        """sum over units of KL(q(pi) || p(pi)); the Bernoulli part of the KL is zero."""
+        a, b = self.concentrations()
+        return tf.reduce_sum(kumaraswamy_beta_kl(a, b, self.alpha))
+
+    # -- the forward pass --------------------------------------------------------
+
+    def sample_mask(self, batch_size):
+        """A training mask of shape (batch_size, units): near-binary, differentiable in a, b."""
+        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), 2**31 - 1), tf.int32)
+        pi_seed, z_seed = tfp.random.split_seed(seed, n=2)
+        pi = self.posterior().sample(seed=pi_seed)
+        return concrete_sample(pi, self.temperature, batch_size, z_seed)
+
+    def _training_mask(self, batch_size):
+        scope = getattr(_scope_state, "scope", None)
+        if scope is None:
+            return self.sample_mask(batch_size)
+        key = id(self)
+        if key not in scope.masks:
+            scope.masks[key] = self.sample_mask(scope.batch_size)
+        mask = scope.masks[key]
+        views = batch_size // tf.shape(mask)[0]
+        return tf.tile(mask, tf.stack([views, 1]))
+
+    def call(self, inputs, training=False):
+        if training:
+            mask = self._training_mask(tf.shape(inputs)[0])
+            mask = tf.reshape(mask, [-1] + [1] * (len(inputs.shape) - 2) + [self.units])
+        else:
+            mask = self.inference_mask()
+        return inputs * tf.cast(mask, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            alpha=self.alpha,
+            temperature=self.temperature,
+            threshold=self.threshold,
+            a_init=self.a_init,
+            b_init=self.b_init,
+            seed=self.seed,
+        )
+        return config
+
+
+def beta_bernoulli_layers(model):
+    """All `BetaBernoulliDropout` layers of a model, nested models included, in order."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, BetaBernoulliDropout):
+            found.append(layer)
+        elif hasattr(layer, "layers"):
+            found.extend(beta_bernoulli_layers(layer))
+    return found
