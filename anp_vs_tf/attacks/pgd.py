@@ -1,0 +1,177 @@
+"""Projected gradient descent (Madry et al., 2018), compiled: one `tf.while_loop` per attack.
+
+An attack is a callable `attack(logits_fn, x, y, seed) -> x_adv` with its settings
+bound at construction, so training, evaluation and the benchmarks share one object.
+`logits_fn` maps a batch of images to logits; `seed` is a stateless seed (a shape-[2]
+int32 tensor) for the random start, so a run is reproducible step by step.
+"""
+
+import keras
+import tensorflow as tf
+
+NORMS = ("linf", "l2")
+
+
+def cross_entropy_loss(logits, labels):
+    """Per-example cross-entropy: the default objective the attack maximizes."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+    )
+
+
+def _per_example_l2(v):
+    axes = list(range(1, len(v.shape)))
+    return tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes, keepdims=True) + 1e-12)
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class PGD:
+    """L-infinity or L2 PGD with random start and per-example worst case over restarts.
+
+    Args:
+        eps: radius of the perturbation ball.
+        step_size: length of one ascent step (sign step for linf, unit-L2 step for l2).
+        steps: number of ascent steps; 0 gives the random start (or x itself).
+        norm: "linf" or "l2".
+        random_start: start from a uniform point of the ball instead of x.
+        restarts: independent runs; each example keeps the run with the highest loss.
+        clip_min, clip_max: the valid input range, enforced after every step.
+        loss_fn: `loss_fn(logits, y) -> per-example loss` to maximize; cross-entropy
+            with integer labels by default (TRADES passes a KL to clean predictions).
+    """
+
+    def __init__(
+        self,
+        eps,
+        step_size,
+        steps,
+        norm="linf",
+        random_start=True,
+        restarts=1,
+        clip_min=0.0,
+        clip_max=1.0,
+        loss_fn=None,
+    ):
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if step_size < 0:
+            raise ValueError(f"step_size must be >= 0, got {step_size}.")
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps}.")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+        if int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"restarts must be a positive integer, got {restarts}.")
+        if not clip_min < clip_max:
+            raise ValueError(f"clip_min must be below clip_max, got {clip_min}, {clip_max}.")
+        self.eps = float(eps)
+        self.step_size = float(step_size)
+        self.steps = int(steps)
+        self.norm = norm
+        self.random_start = bool(random_start)
+        self.restarts = int(restarts)
+        self.clip_min = float(clip_min)
+        self.clip_max = float(clip_max)
+        self.loss_fn = loss_fn or cross_entropy_loss
+
+    def __repr__(self):
+        return (
+            f"PGD(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
+            f"norm={self.norm!r}, restarts={self.restarts})"
+        )
+
+    # -- geometry of the ball ----------------------------------------------------
+
+    def project(self, x_adv, x):
+        """The closest point to x_adv inside the eps-ball around x and the valid range."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = tf.clip_by_value(delta, -self.eps, self.eps)
+        else:
+            delta = delta * tf.minimum(1.0, self.eps / _per_example_l2(delta))
+        return tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
+
+    def _random_start(self, x, seed):
+        if self.norm == "linf":
+            delta = tf.random.stateless_uniform(tf.shape(x), seed, -self.eps, self.eps, x.dtype)
+        else:
+            # Uniform in the L2 ball: a uniform direction times radius eps * u^(1/d).
+            direction_seed, radius_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            direction = tf.random.stateless_normal(tf.shape(x), direction_seed, dtype=x.dtype)
+            direction = direction / _per_example_l2(direction)
+            dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
+            u = tf.random.stateless_uniform(
+                tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0), radius_seed, dtype=x.dtype
+            )
+            delta = direction * self.eps * tf.pow(u, 1.0 / dims)
+        return self.project(x + delta, x)
+
+    def _ascent_direction(self, grad):
+        if self.norm == "linf":
+            return tf.sign(grad)
+        return grad / _per_example_l2(grad)
+
+    # -- the attack ----------------------------------------------------------------
+
+    def _loss_and_grad(self, logits_fn, x_adv, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x_adv)
+            loss = self.loss_fn(logits_fn(x_adv), y)
+            total = tf.reduce_sum(loss)
+        return loss, tape.gradient(total, x_adv)
+
+    def _single_run(self, logits_fn, x, y, seed):
+        x_adv = self._random_start(x, seed) if self.random_start else tf.identity(x)
+
+        def body(i, x_adv):
+            _, grad = self._loss_and_grad(logits_fn, x_adv, y)
+            x_next = x_adv + self.step_size * self._ascent_direction(grad)
+            return i + 1, tf.stop_gradient(self.project(x_next, x))
+
+        _, x_adv = tf.while_loop(
+            lambda i, _: i < self.steps, body, (tf.constant(0), x_adv),
+            maximum_iterations=self.steps,
+        )
+        return x_adv
+
+    def __call__(self, logits_fn, x, y, seed=None):
+        """Adversarial examples for (x, y); `seed` is a stateless seed for the random start."""
+        x = tf.convert_to_tensor(x)
+        if seed is None:
+            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+        seed = tf.cast(seed, tf.int32)
+        if self.restarts == 1:
+            return self._single_run(logits_fn, x, y, seed)
+        seeds = tf.random.experimental.stateless_split(seed, self.restarts)
+        best = self._single_run(logits_fn, x, y, seeds[0])
+        best_loss = self.loss_fn(logits_fn(best), y)
+        for r in range(1, self.restarts):  # a handful of restarts, each a compiled loop
+            candidate = self._single_run(logits_fn, x, y, seeds[r])
+            loss = self.loss_fn(logits_fn(candidate), y)
+            better = tf.reshape(loss > best_loss, [-1] + [1] * (len(x.shape) - 1))
+            best = tf.where(better, candidate, best)
+            best_loss = tf.maximum(loss, best_loss)
+        return best
+
+    def get_config(self):
+        if self.loss_fn is not cross_entropy_loss:
+            raise ValueError("a PGD with a custom loss_fn is not serializable; rebuild it in code.")
+        return dict(
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            clip_min=self.clip_min,
+            clip_max=self.clip_max,
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def fgsm(eps, clip_min=0.0, clip_max=1.0):
+    """FGSM (Goodfellow et al., 2015): a single signed-gradient step of size eps from x."""
+    return PGD(eps, eps, 1, norm="linf", random_start=False, clip_min=clip_min, clip_max=clip_max)

@@ -1,0 +1,126 @@
+"""The architectures of the paper, as functional Keras models with their latent features.
+
+A backbone maps images to `{"logits": ..., "latents": [z_1, ..., z_L]}`, where z_l is
+the post-activation output of hidden layer l. With `prunable=True` a
+`BetaBernoulliDropout` follows every hidden activation and z_l is its (masked)
+output, so a pruned unit is a feature with zero vulnerability.
+
+Layer names are the same with and without the masks ("conv1", "dense1", "logits",
+...), which is what lets a pruning run start from a pretrained base model.
+"""
+
+import keras
+
+from anp_vs_tf.layers import BetaBernoulliDropout
+
+# CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
+# attacks and data stay in [0, 1] pixel space.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _Hidden:
+    """Collects latent features and inserts the Beta-Bernoulli masks."""
+
+    def __init__(self, prunable, mask_kwargs):
+        self.prunable = prunable
+        self.mask_kwargs = dict(mask_kwargs or {})
+        self.latents = []
+
+    def __call__(self, x, name):
+        if self.prunable:
+            x = BetaBernoulliDropout(name=f"{name}_bbd", **self.mask_kwargs)(x)
+        self.latents.append(x)
+        return x
+
+    def outputs(self, logits):
+        return {"logits": logits, "latents": self.latents}
+
+
+def lenet_300_100(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None):
+    """The fully connected LeNet-300-100 (two hidden layers of 300 and 100 ReLUs)."""
+    hidden = _Hidden(prunable, mask_kwargs)
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = hidden(keras.layers.Dense(300, activation="relu", name="dense1")(x), "dense1")
+    x = hidden(keras.layers.Dense(100, activation="relu", name="dense2")(x), "dense2")
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, hidden.outputs(logits), name="lenet_300_100")
+
+
+def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None):
+    """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, dense 500, dense classes."""
+    hidden = _Hidden(prunable, mask_kwargs)
+    inputs = keras.Input(input_shape, name="image")
+    x = hidden(keras.layers.Conv2D(20, 5, activation="relu", name="conv1")(inputs), "conv1")
+    x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+    x = hidden(keras.layers.Conv2D(50, 5, activation="relu", name="conv2")(x), "conv2")
+    x = keras.layers.MaxPooling2D(2, name="pool2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = hidden(keras.layers.Dense(500, activation="relu", name="dense1")(x), "dense1")
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, hidden.outputs(logits), name="lenet5_caffe")
+
+
+VGG16_CONV = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None):
+    """VGG-16 for CIFAR: 13 conv-BN-ReLU blocks, two dense-BN-ReLU 512 layers, the classifier."""
+    hidden = _Hidden(prunable, mask_kwargs)
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Normalization(
+        mean=CIFAR_MEAN, variance=[s * s for s in CIFAR_STD], name="standardize"
+    )(inputs)
+    conv, pool = 0, 0
+    for width in VGG16_CONV:
+        if width == "M":
+            pool += 1
+            x = keras.layers.MaxPooling2D(2, name=f"pool{pool}")(x)
+            continue
+        conv += 1
+        x = keras.layers.Conv2D(
+            width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+            name=f"conv{conv}",
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"bn{conv}")(x)
+        x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
+    x = keras.layers.Flatten(name="flatten")(x)
+    for i in (1, 2):
+        x = keras.layers.Dense(512, use_bias=False, kernel_initializer="he_normal", name=f"dense{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"dense{i}_bn")(x)
+        x = hidden(keras.layers.ReLU(name=f"dense{i}_relu")(x), f"dense{i}")
+    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, hidden.outputs(logits), name="vgg16")
+
+
+# name -> (builder, the input shape the architecture is defined for)
+MODELS = {
+    "lenet_300_100": (lenet_300_100, (28, 28, 1)),
+    "lenet5_caffe": (lenet5_caffe, (28, 28, 1)),
+    "vgg16": (vgg16, (32, 32, 3)),
+}
+
+
+def check_input_shape(name, input_shape):
+    """Raise ValueError with a one-line reason if `name` cannot take `input_shape` images."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}.")
+    expected = MODELS[name][1]
+    if tuple(input_shape) != expected:
+        fits = [m for m, (_, shape) in sorted(MODELS.items()) if shape == tuple(input_shape)]
+        hint = f" Models for this shape: {', '.join(fits)}." if fits else ""
+        raise ValueError(
+            f"model {name} expects {'x'.join(map(str, expected))} images, "
+            f"the data has {'x'.join(map(str, input_shape))}.{hint}"
+        )
+
+
+def build_model(name, input_shape=None, num_classes=10, prunable=False, mask_kwargs=None):
+    """Build architecture `name` (see MODELS) for `input_shape` images and `num_classes`."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}.")
+    builder, default_shape = MODELS[name]
+    input_shape = tuple(input_shape or default_shape)
+    check_input_shape(name, input_shape)
+    return builder(input_shape, num_classes, prunable=prunable, mask_kwargs=mask_kwargs)

@@ -1,0 +1,92 @@
+"""PGD stays in its constraint set, strengthens the loss, and matches a hand-written FGSM."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from anp_vs_tf.attacks import PGD, cross_entropy_loss, fgsm
+
+
+def per_example_loss(model, x, y):
+    return cross_entropy_loss(model.deterministic_logits(tf.constant(x)), tf.constant(y)).numpy()
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
+def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist, norm, eps, step):
+    _, _, x, y = mnist
+    x, y = x[:256], y[:256]
+    attack = PGD(eps, step, 10, norm=norm)
+    x_adv = attack(trained_lenet.deterministic_logits, x, y, seed=tf.constant([1, 2])).numpy()
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    delta = (x_adv - x).reshape(len(x), -1)
+    if norm == "linf":
+        assert np.abs(delta).max() <= eps + 1e-6
+    else:
+        assert np.linalg.norm(delta, axis=1).max() <= eps * (1 + 1e-5)
+    # MNIST pixels sit at 0 and 1, so the valid range really clips: the attack uses it all.
+    assert np.abs(delta).max() > 0.5 * (eps if norm == "linf" else step)
+
+
+@pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
+def test_pgd_raises_the_loss_above_the_clean_loss(trained_lenet, mnist, norm, eps, step):
+    _, _, x, y = mnist
+    x, y = x[:256], y[:256]
+    x_adv = PGD(eps, step, 10, norm=norm)(trained_lenet.deterministic_logits, x, y, seed=tf.constant([3, 4]))
+    clean, adv = per_example_loss(trained_lenet, x, y), per_example_loss(trained_lenet, x_adv.numpy(), y)
+    assert adv.mean() > clean.mean() + 1.0
+    assert np.mean(adv >= clean - 1e-4) > 0.95
+
+
+def test_pgd_is_compiled_as_one_while_loop():
+    """The attack's steps are a tf.while_loop in the graph, not one copy per step."""
+    model = tf.keras.Sequential([tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)])
+    attack = PGD(0.1, 0.01, 25)
+    x, y = tf.random.uniform((4, 8, 8, 1)), tf.constant([0, 1, 2, 3])
+    graph = tf.function(lambda x, y: attack(model, x, y, tf.constant([0, 0]))).get_concrete_function(x, y).graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("While") + ops.count("StatelessWhile") == 1
+    assert "MatMul" not in ops  # the forward and backward passes live in the loop body only
+
+
+def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist):
+    _, _, x, y = mnist
+    x, y = tf.constant(x[:64]), tf.constant(y[:64])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(cross_entropy_loss(trained_lenet.deterministic_logits(x), y))
+    expected = tf.clip_by_value(x + 0.2 * tf.sign(tape.gradient(loss, x)), 0.0, 1.0)
+    np.testing.assert_allclose(fgsm(0.2)(trained_lenet.deterministic_logits, x, y).numpy(), expected.numpy())
+
+
+def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist):
+    _, _, x, y = mnist
+    x, y = x[:128], y[:128]
+    seed = tf.constant([5, 6])
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    single = [PGD(0.3, 0.05, 3)(trained_lenet.deterministic_logits, x, y, s) for s in seeds]
+    best = PGD(0.3, 0.05, 3, restarts=3)(trained_lenet.deterministic_logits, x, y, seed)
+    losses = np.stack([per_example_loss(trained_lenet, s.numpy(), y) for s in single])
+    np.testing.assert_allclose(per_example_loss(trained_lenet, best.numpy(), y), losses.max(0), rtol=1e-5)
+
+
+def test_zero_steps_without_random_start_is_the_identity(trained_lenet, mnist):
+    _, _, x, y = mnist
+    out = PGD(0.3, 0.1, 0, random_start=False)(trained_lenet.deterministic_logits, x[:8], y[:8])
+    np.testing.assert_array_equal(out.numpy(), x[:8])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(eps=-0.1), "eps"), (dict(steps=2.5), "steps"), (dict(norm="l1"), "norm"), (dict(restarts=0), "restarts")],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    settings = dict(eps=0.3, step_size=0.01, steps=5)
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        PGD(**settings)
+
+
+def test_config_round_trip():
+    attack = PGD(0.03, 0.007, 10, norm="l2", restarts=2)
+    again = PGD.from_config(attack.get_config())
+    assert again.get_config() == attack.get_config()
