@@ -1,0 +1,164 @@
+"""Training methods: which examples a step needs and which losses it minimizes.
+
+Every method of the paper is the same step with different switches:
+
+    method    attack  masks  VS     weight loss
+    standard    -       -     -     CE(x)
+    bp          -       x     -     CE(x) + beta KL/N
+    at          x       -     -     (CE(x) + w CE(x~)) / (1 + w)
+    at_vs       x       -     x     ... + lambda V(x, x~)
+    anp         x       x     -     (CE(x) + w CE(x~)) / (1 + w) + beta KL/N
+    anp_vs      x       x     x     ... + lambda V(x, x~)
+
+and, for the methods with masks, a mask loss of CE(x~) (CE(x) for bp) + beta KL/N
+that only the Beta-Bernoulli parameters follow. Every loss also carries L2 weight
+decay on the kernels. A method that needs more (TRADES, ADMM, ...) subclasses
+`Method` and overrides `adversarial_examples` and/or `losses`.
+"""
+
+import keras
+import tensorflow as tf
+
+from anp_vs_tf.metrics.vulnerability import network_vulnerability
+
+# name -> the switches that make it that method.
+PRESETS = {
+    "standard": dict(adversarial=False, prunes=False, suppress_vulnerability=False),
+    "bp": dict(adversarial=False, prunes=True, suppress_vulnerability=False),
+    "at": dict(adversarial=True, prunes=False, suppress_vulnerability=False),
+    "at_vs": dict(adversarial=True, prunes=False, suppress_vulnerability=True),
+    "anp": dict(adversarial=True, prunes=True, suppress_vulnerability=False),
+    "anp_vs": dict(adversarial=True, prunes=True, suppress_vulnerability=True),
+}
+
+
+def cross_entropy(labels, logits):
+    """Mean cross-entropy of integer labels against logits."""
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+        )
+    )
+
+
+class Views:
+    """A training-mode forward pass of the clean batch and, if any, its adversarial copy."""
+
+    def __init__(self, logits, latents, logits_adv=None, latents_adv=None):
+        self.logits = logits
+        self.latents = latents
+        self.logits_adv = logits_adv
+        self.latents_adv = latents_adv
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class Method:
+    """One training method: switches plus the hyperparameters of its losses.
+
+    Args:
+        name: the method's name (one of PRESETS, or a subclass's own).
+        adversarial: train on adversarial examples from the model's adversary.
+        prunes: learn Beta-Bernoulli masks with the mask optimizer.
+        suppress_vulnerability: add lambda_vs * V(x, x~) to the weight loss.
+        adv_weight: w in (CE(x) + w CE(x~)) / (1 + w).
+        beta_kl: beta, the weight of the KL of the masks per training example.
+        lambda_vs: lambda, the weight of the vulnerability suppression loss.
+        weight_decay: coefficient of sum(w^2)/2 over the kernels.
+        num_train_examples: N, the training-set size that scales the KL (needed to prune).
+    """
+
+    def __init__(
+        self,
+        name="standard",
+        adversarial=False,
+        prunes=False,
+        suppress_vulnerability=False,
+        adv_weight=2.0,
+        beta_kl=1.0,
+        lambda_vs=0.0,
+        weight_decay=1e-4,
+        num_train_examples=None,
+    ):
+        for field, value in (("adv_weight", adv_weight), ("beta_kl", beta_kl),
+                             ("lambda_vs", lambda_vs), ("weight_decay", weight_decay)):
+            if value < 0:
+                raise ValueError(f"{field} must be >= 0, got {value}.")
+        if prunes and not (num_train_examples and num_train_examples > 0):
+            raise ValueError(
+                f"method {name!r} prunes, so it needs num_train_examples (the training-set "
+                "size N that scales the KL term beta * KL / N)."
+            )
+        self.name = name
+        self.adversarial = bool(adversarial)
+        self.prunes = bool(prunes)
+        self.suppress_vulnerability = bool(suppress_vulnerability)
+        self.adv_weight = float(adv_weight)
+        self.beta_kl = float(beta_kl)
+        self.lambda_vs = float(lambda_vs)
+        self.weight_decay = float(weight_decay)
+        self.num_train_examples = num_train_examples
+
+    def __repr__(self):
+        return f"Method({self.name!r})"
+
+    def adversarial_examples(self, model, x, y, seed=None):
+        """x~ for this batch, or None for a method that trains on clean data only."""
+        if not self.adversarial:
+            return None
+        return model.attack(x, y, seed=seed)
+
+    def losses(self, model, views, y):
+        """The step's objectives and the terms worth logging.
+
+        Returns a dict with "loss" (what the weights minimize), "mask_loss" (what the
+        Beta-Bernoulli parameters minimize; absent unless the method prunes) and the
+        components "ce", "ce_adv", "kl", "vulnerability" when they apply.
+        """
+        terms = {"ce": cross_entropy(y, views.logits)}
+        if views.logits_adv is not None:
+            terms["ce_adv"] = cross_entropy(y, views.logits_adv)
+            w = self.adv_weight
+            classification = (terms["ce"] + w * terms["ce_adv"]) / (1.0 + w)
+        else:
+            classification = terms["ce"]
+        regularizer = self.weight_decay * model.kernel_l2()
+        if self.prunes:
+            terms["kl"] = model.kl_divergence()
+            regularizer += self.beta_kl * terms["kl"] / float(self.num_train_examples)
+        loss = classification + regularizer
+        if views.latents_adv is not None and views.latents:
+            terms["vulnerability"] = network_vulnerability(views.latents, views.latents_adv)
+            if self.suppress_vulnerability:
+                loss += self.lambda_vs * terms["vulnerability"]
+        terms["loss"] = loss
+        if self.prunes:
+            # Masks learn on the adversarial loss: they prune what the attack exploits.
+            mask_ce = terms.get("ce_adv", terms["ce"])
+            terms["mask_loss"] = mask_ce + regularizer
+        return terms
+
+    def get_config(self):
+        return dict(
+            name=self.name,
+            adversarial=self.adversarial,
+            prunes=self.prunes,
+            suppress_vulnerability=self.suppress_vulnerability,
+            adv_weight=self.adv_weight,
+            beta_kl=self.beta_kl,
+            lambda_vs=self.lambda_vs,
+            weight_decay=self.weight_decay,
+            num_train_examples=self.num_train_examples,
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def get_method(name, **hyperparameters):
+    """The method called `name` (see PRESETS) with the given loss hyperparameters."""
+    if isinstance(name, Method):
+        return name
+    if name not in PRESETS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}.")
+    return Method(name=name, **PRESETS[name], **hyperparameters)

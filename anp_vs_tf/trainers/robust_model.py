@@ -1,0 +1,336 @@
+"""`RobustModel`: a Keras model whose `train_step` is one step of a training method.
+
+    batch (x, y) -> adversary(x, y) -> x~                         deterministic masks
+                 -> backbone([x; x~], training=True)              one mask sample per pair
+                 -> method.losses(...) -> loss, mask_loss         CE, KL, VS, weight decay
+                 -> optimizer on the weights, mask_optimizer on the masks
+
+It is an ordinary Keras model: `compile()` then `fit()`, `evaluate()`, `predict()`,
+callbacks, `save()` and `keras.saving.load_model()` all work, and everything is
+created under the active `tf.distribute` strategy.
+"""
+
+import random
+
+import keras
+import tensorflow as tf
+from keras.src.saving import serialization_lib
+
+from anp_vs_tf.layers import beta_bernoulli_layers, mask_sampling
+from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
+from anp_vs_tf.models.backbone import split_outputs
+from anp_vs_tf.trainers.methods import Views, get_method
+
+
+def _deserialize(config):
+    return serialization_lib.deserialize_keras_object(config) if isinstance(config, dict) else config
+
+
+def _serialize(obj):
+    return serialization_lib.serialize_keras_object(obj) if obj is not None else None
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class RobustModel(keras.Model):
+    """Trains `backbone` with `method` against `adversary`.
+
+    Args:
+        backbone: Keras model from images to {"logits": ..., "latents": [...]}.
+        method: a `Method` or a method name ("standard", "bp", "at", "at_vs", "anp",
+            "anp_vs"); see `anp_vs_tf.trainers.methods`.
+        adversary: the attack used in training, e.g. `attacks.PGD(0.3, 0.01, 20)`.
+        eval_adversary: if set, `evaluate()` also reports robust accuracy ("acc_adv")
+            and the network vulnerability against this attack.
+        fuse_views: forward x and x~ as one stacked batch (faster) or as two calls.
+            "auto" fuses unless the backbone has BatchNormalization, so that batch
+            statistics stay per view as in the authors' two separate passes.
+        seed: seed of every random draw in training (attack starts, masks); each
+            step's draws are keyed by (seed, step), so a resumed run repeats them.
+    """
+
+    def __init__(
+        self,
+        backbone,
+        method="standard",
+        adversary=None,
+        eval_adversary=None,
+        fuse_views="auto",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.method = get_method(method)
+        self.adversary = adversary
+        self.eval_adversary = eval_adversary
+        if fuse_views == "auto":
+            fuse_views = not any(
+                isinstance(l, keras.layers.BatchNormalization) for l in _all_layers(backbone)
+            )
+        self.fuse_views = bool(fuse_views)
+        # A concrete seed (drawn from Python's RNG, which keras.utils.set_random_seed
+        # seeds) goes into the config, so a loaded model continues the same streams.
+        self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 2)
+        self._check_backbone()
+        self._eval_seeds = keras.random.SeedGenerator(self.seed + 1)
+        self._trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in ("loss", "mask_loss", "ce", "ce_adv", "acc", "acc_adv", "kl", "vulnerability")
+        }
+        self.feature_vulnerability = FeatureVulnerability(self._latent_units())
+        self.mask_optimizer = None
+        # The backbone is a functional model and comes built; being built from the start
+        # lets a loaded model create its optimizers' slots and restore them.
+        self.built = True
+
+    def _check_backbone(self):
+        method = self.method
+        if method.adversarial and self.adversary is None:
+            raise ValueError(f"method {method.name!r} trains on adversarial examples: pass an adversary.")
+        has_masks = bool(beta_bernoulli_layers(self.backbone))
+        if method.prunes and not has_masks:
+            raise ValueError(
+                f"method {method.name!r} learns Beta-Bernoulli masks but the backbone has none; "
+                "build it with prunable=True or add BetaBernoulliDropout layers."
+            )
+        if has_masks and not method.prunes:
+            raise ValueError(
+                f"method {method.name!r} does not train masks but the backbone has "
+                "BetaBernoulliDropout layers; build it with prunable=False."
+            )
+        if method.suppress_vulnerability and not self._latent_units():
+            raise ValueError(
+                f"method {method.name!r} suppresses latent vulnerability but the backbone "
+                "exposes no latent features; return {'logits': ..., 'latents': [...]}."
+            )
+
+    def _latent_units(self):
+        try:
+            outputs = self.backbone.output
+        except (AttributeError, ValueError):
+            return []
+        _, latents = split_outputs(outputs)
+        return [int(z.shape[-1]) for z in latents]
+
+    # -- the network ---------------------------------------------------------------
+
+    def call(self, inputs, training=False):
+        return split_outputs(self.backbone(inputs, training=training))[0]
+
+    def logits_and_latents(self, inputs, training=False):
+        return split_outputs(self.backbone(inputs, training=training))
+
+    def deterministic_logits(self, inputs):
+        """Logits of the inference network (expected masks, moving BN statistics)."""
+        return self.logits_and_latents(inputs, training=False)[0]
+
+    @property
+    def mask_layers(self):
+        return beta_bernoulli_layers(self.backbone)
+
+    @property
+    def mask_variables(self):
+        return [v for layer in self.mask_layers for v in layer.mask_variables]
+
+    @property
+    def weight_variables(self):
+        """Every trainable variable that is not a mask parameter."""
+        masks = {id(v) for v in self.mask_variables}
+        return [v for v in self.backbone.trainable_variables if id(v) not in masks]
+
+    def kl_divergence(self):
+        """Total KL of the Beta-Bernoulli masks (zero for a backbone without them)."""
+        kls = [layer.kl_divergence() for layer in self.mask_layers]
+        return tf.add_n(kls) if kls else tf.constant(0.0)
+
+    def kernel_l2(self):
+        """sum(w^2)/2 over the kernels: what weight decay penalizes."""
+        kernels = [v for v in self.weight_variables if v.path.endswith("kernel")]
+        return tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels]) if kernels else 0.0
+
+    def sparsity(self):
+        """Percent of prunable units switched off (0 without masks)."""
+        layers = self.mask_layers
+        if not layers:
+            return tf.constant(0.0)
+        active = tf.add_n([tf.cast(l.num_active(), tf.float32) for l in layers])
+        return 100.0 * (1.0 - active / float(sum(l.units for l in layers)))
+
+    # -- attacks -----------------------------------------------------------------------
+
+    def step_seed(self, stream):
+        """The stateless seed of one random stream in the current training step.
+
+        Keyed by (seed, optimizer step, stream), so draws are reproducible and a run
+        restored from a checkpoint repeats them; each replica folds in its own id.
+        """
+        step = tf.cast(tf.math.floormod(self.optimizer.iterations, 2**31 - 1), tf.int32)
+        seed = tf.stack([tf.constant(self.seed, tf.int32), step])
+        seed = tf.random.experimental.stateless_fold_in(seed, stream)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+        return seed
+
+    def attack(self, x, y, adversary=None, seed=None):
+        """Adversarial examples against the deterministic network.
+
+        Without a `seed`, the random start comes from the model's evaluation stream.
+        """
+        adversary = adversary or self.adversary
+        if seed is None:
+            seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
+        return adversary(self.deterministic_logits, x, y, seed)
+
+    def forward_views(self, x, x_adv=None, seed=None):
+        """Training-mode forward of x and x~ sharing one mask sample per example.
+
+        `seed` keys the masks (see `layers.mask_sampling`); None uses the layers' own
+        seed generators.
+        """
+        if x_adv is None:
+            with mask_sampling(seed):
+                return Views(*self.logits_and_latents(x, training=True))
+        with mask_sampling(seed, shared_batch_size=tf.shape(x)[0]):
+            if self.fuse_views:
+                logits, latents = self.logits_and_latents(tf.concat([x, x_adv], 0), training=True)
+                halves = lambda t: tf.split(t, 2, axis=0)  # noqa: E731
+                logits, logits_adv = halves(logits)
+                pairs = [halves(z) for z in latents]
+                return Views(logits, [p[0] for p in pairs], logits_adv, [p[1] for p in pairs])
+            clean = self.logits_and_latents(x, training=True)
+            adv = self.logits_and_latents(x_adv, training=True)
+        return Views(clean[0], clean[1], adv[0], adv[1])
+
+    # -- compile, train and test steps -----------------------------------------------
+
+    def compile(self, optimizer="adam", mask_optimizer=None, **kwargs):
+        """Like `keras.Model.compile`, plus `mask_optimizer` for the Beta-Bernoulli masks.
+
+        The loss comes from the method, so `loss=` is not accepted. A pruning method
+        without an explicit mask_optimizer gets Adam(1e-2), the paper's setting.
+        """
+        if kwargs.get("loss") is not None:
+            raise ValueError("RobustModel's loss comes from its method; do not pass loss= to compile().")
+        super().compile(optimizer=optimizer, **kwargs)
+        if self.method.prunes:
+            self.mask_optimizer = keras.optimizers.get(
+                mask_optimizer if mask_optimizer is not None else keras.optimizers.Adam(1e-2)
+            )
+        elif mask_optimizer is not None:
+            raise ValueError(f"method {self.method.name!r} has no masks to optimize; drop mask_optimizer.")
+        self._compile_config = serialization_lib.SerializableDict(
+            optimizer=optimizer, mask_optimizer=self.mask_optimizer, **kwargs
+        )
+        # Create the optimizers' slots now, under the caller's strategy scope: created
+        # lazily inside a replica's step they would belong to that replica alone.
+        self.optimizer.build(self.weight_variables)
+        if self.mask_optimizer is not None:
+            self.mask_optimizer.build(self.mask_variables)
+
+    def get_compile_config(self):
+        if self.compiled and hasattr(self, "_compile_config"):
+            return self._compile_config.serialize()
+        return {}
+
+    def compile_from_config(self, config):
+        self.compile(**serialization_lib.deserialize_keras_object(config))
+
+    def _logs(self, names):
+        return {n: self._trackers[n].result() for n in names}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if sample_weight is not None:
+            raise ValueError("RobustModel does not support sample weights.")
+        x_adv = self.method.adversarial_examples(self, x, y, self.step_seed(_ATTACK_STREAM))
+        # Gradients are summed over replicas, so each replica's share is 1/R.
+        replica_share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
+        weights, masks = self.weight_variables, self.mask_variables
+        with tf.GradientTape(persistent=True) as tape:
+            views = self.forward_views(x, x_adv, self.step_seed(_MASK_STREAM))
+            terms = self.method.losses(self, views, y)
+            weight_objective = terms["loss"] * replica_share
+            mask_objective = terms["mask_loss"] * replica_share if masks and "mask_loss" in terms else None
+        self.optimizer.apply(tape.gradient(weight_objective, weights), weights)
+        if mask_objective is not None:
+            self.mask_optimizer.apply(tape.gradient(mask_objective, masks), masks)
+        del tape
+
+        names = [n for n in ("loss", "mask_loss", "ce", "ce_adv", "kl", "vulnerability") if n in terms]
+        for name in names:
+            self._trackers[name].update_state(terms[name])
+        names.append("acc")
+        self._trackers["acc"].update_state(_correct(y, views.logits))
+        if views.logits_adv is not None:
+            names.append("acc_adv")
+            self._trackers["acc_adv"].update_state(_correct(y, views.logits_adv))
+        logs = self._logs(names)
+        if masks:
+            logs["sparsity"] = self.sparsity()
+        return logs
+
+    def test_step(self, data):
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits, latents = self.logits_and_latents(x, training=False)
+        self._trackers["loss"].update_state(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.cast(y, tf.int32), logits=tf.cast(logits, tf.float32)
+            )
+        )
+        self._trackers["acc"].update_state(_correct(y, logits))
+        names = ["loss", "acc"]
+        if self.eval_adversary is not None:
+            x_adv = self.attack(x, y, self.eval_adversary)
+            logits_adv, latents_adv = self.logits_and_latents(x_adv, training=False)
+            self._trackers["acc_adv"].update_state(_correct(y, logits_adv))
+            names.append("acc_adv")
+            if latents:
+                self.feature_vulnerability.update_state(latents, latents_adv)
+                logs = self._logs(names)
+                logs["vulnerability"] = self.feature_vulnerability.result()
+                return logs
+        return self._logs(names)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values()) + [self.feature_vulnerability]
+
+    def set_eval_adversary(self, adversary):
+        """Change the attack `evaluate()` uses (None: clean accuracy only)."""
+        self.eval_adversary = adversary
+        self.test_function = None  # retrace test_step with the new attack
+
+    # -- saving --------------------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            backbone=_serialize(self.backbone),
+            method=_serialize(self.method),
+            adversary=_serialize(self.adversary),
+            eval_adversary=_serialize(self.eval_adversary),
+            fuse_views=self.fuse_views,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("backbone", "method", "adversary", "eval_adversary"):
+            config[key] = _deserialize(config.get(key))
+        return cls(**config)
+
+
+_ATTACK_STREAM, _MASK_STREAM = 1, 2
+
+
+def _correct(y, logits):
+    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
