@@ -20,6 +20,7 @@ setup(
     packages=find_packages(include=["anp_vs_tf", "anp_vs_tf.*"]),
     install_requires=[
         "tensorflow==2.21.*",
+        "tensorboard>=2.19",  # no longer pulled in by tensorflow; the runs write TensorBoard logs
         "tensorflow-probability[tf]>=0.25",
         "keras>=3.10",
         "keras-tuner>=1.4",

@@ -4,6 +4,7 @@ from anp_vs_tf.layers.beta_bernoulli import (
     beta_bernoulli_layers,
     concrete_sample,
     kumaraswamy_beta_kl,
+    mask_sampling,
     shared_mask_sample,
 )
 
@@ -12,5 +13,6 @@ __all__ = [
     "beta_bernoulli_layers",
     "concrete_sample",
     "kumaraswamy_beta_kl",
+    "mask_sampling",
     "shared_mask_sample",
 ]

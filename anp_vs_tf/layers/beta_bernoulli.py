@@ -10,6 +10,7 @@ that do not earn their keep are switched off for good: that is the pruning.
 
 import contextlib
 import threading
+import zlib
 
 import keras
 import numpy as np
@@ -65,10 +66,11 @@ def concrete_sample(pi, temperature, batch_size, seed):
     return tf.sigmoid(noise.sample(batch_size, seed=seed))
 
 
-class _SharedMaskScope:
-    """Masks drawn once per example and reused by every view of that example."""
+class _MaskScope:
+    """Per-step mask sampling settings, read while the step is traced."""
 
-    def __init__(self, batch_size):
+    def __init__(self, seed, batch_size):
+        self.seed = seed
         self.batch_size = batch_size
         self.masks = {}
 
@@ -77,23 +79,32 @@ _scope_state = threading.local()
 
 
 @contextlib.contextmanager
-def shared_mask_sample(batch_size):
-    """Make every training-mode `BetaBernoulliDropout` reuse one mask per example.
+def mask_sampling(seed=None, shared_batch_size=None):
+    """Control how training-mode `BetaBernoulliDropout` layers draw their masks.
 
-    Vulnerability |z - z~| must measure what the adversarial perturbation does to a
-    feature, not the difference between two dropout draws. Inside this context each
-    layer samples a mask for `batch_size` examples once and tiles it over any batch
-    that stacks several views of those examples, e.g. `tf.concat([x, x_adv], 0)`, or
-    reuses it for separate calls on `x` and `x_adv`.
+    seed: a stateless seed (shape-[2] int tensor) for this step. Each layer folds in
+        its own name, so the masks are a pure function of (seed, layer): a trainer
+        that keys the seed by its step counter can be stopped and resumed exactly.
+        Without it, layers use their own `keras.random.SeedGenerator`.
+    shared_batch_size: if given, each layer samples one mask for that many examples
+        and reuses it for every view of them: a stacked batch such as
+        `tf.concat([x, x_adv], 0)` (the mask is tiled) or separate calls on `x` and
+        `x_adv`. Vulnerability |z - z~| then measures what the perturbation does to a
+        feature, not the difference between two dropout draws.
 
     The scope is read while a `tf.function` is traced, so it costs nothing per step.
     """
     previous = getattr(_scope_state, "scope", None)
-    _scope_state.scope = _SharedMaskScope(batch_size)
+    _scope_state.scope = _MaskScope(seed, shared_batch_size)
     try:
         yield _scope_state.scope
     finally:
         _scope_state.scope = previous
+
+
+def shared_mask_sample(batch_size, seed=None):
+    """`mask_sampling` with one mask per example shared by all views of it."""
+    return mask_sampling(seed=seed, shared_batch_size=batch_size)
 
 
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
@@ -210,9 +221,14 @@ class BetaBernoulliDropout(keras.layers.Layer):
 
     # -- the forward pass --------------------------------------------------------
 
-    def sample_mask(self, batch_size):
-        """A training mask of shape (batch_size, units): near-binary, differentiable in a, b."""
-        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), 2**31 - 1), tf.int32)
+    def sample_mask(self, batch_size, seed=None):
+        """A training mask of shape (batch_size, units): near-binary, differentiable in a, b.
+
+        `seed` is a stateless seed; without it the layer's own seed generator is used.
+        """
+        if seed is None:
+            seed = self.seed_generator.next()
+        seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
         pi_seed, z_seed = tfp.random.split_seed(seed, n=2)
         pi = self.posterior().sample(seed=pi_seed)
         return concrete_sample(pi, self.temperature, batch_size, z_seed)
@@ -221,9 +237,15 @@ class BetaBernoulliDropout(keras.layers.Layer):
         scope = getattr(_scope_state, "scope", None)
         if scope is None:
             return self.sample_mask(batch_size)
+        seed = None
+        if scope.seed is not None:
+            layer_key = zlib.crc32(self.name.encode()) % (2**31 - 1)
+            seed = tf.random.experimental.stateless_fold_in(tf.cast(scope.seed, tf.int32), layer_key)
+        if scope.batch_size is None:
+            return self.sample_mask(batch_size, seed)
         key = id(self)
         if key not in scope.masks:
-            scope.masks[key] = self.sample_mask(scope.batch_size)
+            scope.masks[key] = self.sample_mask(scope.batch_size, seed)
         mask = scope.masks[key]
         views = batch_size // tf.shape(mask)[0]
         return tf.tile(mask, tf.stack([views, 1]))

@@ -1,0 +1,132 @@
+"""A run's settings in one object, with the paper's defaults per data set.
+
+The CLI turns flags into a `RunConfig`; notebooks and scripts can build one directly.
+Anything left as None takes the preset of the data set (the authors' released
+settings), so a flagfile only states what differs.
+"""
+
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+from anp_vs_tf.trainers.methods import PRESETS as METHOD_PRESETS
+
+# The authors' settings (reference/paper-results.md). step_size is the PGD step in
+# training and, unless eval_step_size says otherwise, in evaluation too.
+DATASET_PRESETS = {
+    "mnist": dict(model="lenet5_caffe", eps=0.3, step_size=0.01, pgd_steps=20, beta_kl=4.0,
+                  lambda_vs=1e-3, lr_decay_at=(0.5, 0.7)),
+    "fashion_mnist": dict(model="lenet5_caffe", eps=0.1, step_size=0.01, pgd_steps=20, beta_kl=4.0,
+                          lambda_vs=1e-3, lr_decay_at=(0.5, 0.7)),
+    "cifar10": dict(model="vgg16", eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=2.0,
+                    lambda_vs=1e-4, lr_decay_at=(0.5, 0.8)),
+    "cifar100": dict(model="vgg16", eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=1.0,
+                     lambda_vs=0.1, lr_decay_at=(0.5, 0.8)),
+    "folder": dict(model=None, eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=2.0,
+                   lambda_vs=1e-4, lr_decay_at=(0.5, 0.8)),
+}
+
+MODES = ("train", "eval")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message is one line saying what to change."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a training or evaluation run needs. See `anp_vs_tf.main` for the flags."""
+
+    mode: str = "train"
+    method: str = "anp_vs"
+    model: Optional[str] = None
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None
+    out_dir: str = "runs/default"
+    model_path: Optional[str] = None
+    init_from: Optional[str] = None
+    pretrain_epochs: int = 0
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    eps: Optional[float] = None
+    step_size: Optional[float] = None
+    pgd_steps: Optional[int] = None
+    eval_pgd_steps: int = 40
+    eval_step_size: Optional[float] = None
+    adv_weight: float = 2.0
+    beta_kl: Optional[float] = None
+    lambda_vs: Optional[float] = None
+    weight_decay: float = 1e-4
+    lr: float = 1e-3
+    mask_lr: float = 1e-2
+    lr_decay_at: Optional[Tuple[float, ...]] = None
+    mask_a_init: float = 0.31326169
+    mask_b_init: float = 1.0
+    seed: int = 0
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    download: bool = True
+    overwrite: bool = False
+    verbose: int = 1
+
+    def resolved(self):
+        """A copy with the data set's presets filled in, validated."""
+        if self.dataset not in DATASET_PRESETS:
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_PRESETS)}."
+            )
+        preset = DATASET_PRESETS[self.dataset]
+        filled = {
+            key: preset[key] if getattr(self, key) is None and key in preset else getattr(self, key)
+            for key in (f.name for f in dataclasses.fields(self))
+        }
+        config = RunConfig(**filled)
+        if config.eval_step_size is None:  # the paper's evaluation, whatever training used
+            config.eval_step_size = preset["step_size"]
+        config.lr_decay_at = tuple(config.lr_decay_at or ())
+        config.validate()
+        return config
+
+    def validate(self):
+        """Raise ConfigError for the first setting that cannot work, before any work starts."""
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}.")
+        need(self.method in METHOD_PRESETS,
+             f"unknown method {self.method!r}; choose one of {', '.join(METHOD_PRESETS)}.")
+        need(self.model is not None or self.mode == "eval",
+             f"dataset {self.dataset!r} has no default model; pass --model.")
+        need(self.eps >= 0, f"eps must be >= 0, got {self.eps}.")
+        need(self.step_size > 0 and self.eval_step_size > 0, "step sizes must be > 0.")
+        need(self.pgd_steps >= 1 and self.eval_pgd_steps >= 1, "PGD step counts must be >= 1.")
+        need(self.epochs >= 0 and self.pretrain_epochs >= 0, "epoch counts must be >= 0.")
+        need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
+        for name in ("adv_weight", "beta_kl", "lambda_vs", "weight_decay"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
+        need(self.lr > 0 and self.mask_lr > 0, "learning rates must be > 0.")
+        need(all(0 < f < 1 for f in self.lr_decay_at),
+             f"lr_decay_at holds fractions of training in (0, 1), got {list(self.lr_decay_at)}.")
+        need(self.mask_a_init > 0 and self.mask_b_init > 0, "mask_a_init and mask_b_init must be > 0.")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be positive, got {value}.")
+        if self.mode == "eval":
+            need(self.model_path is not None, "--mode=eval needs --model_path=PATH.keras.")
+            need(os.path.exists(self.model_path), f"--model_path {self.model_path} does not exist.")
+        if self.init_from is not None:
+            need(os.path.exists(self.init_from),
+                 f"--init_from {self.init_from} does not exist; train a base model first "
+                 "(--method=standard) or use --pretrain_epochs.")
+        need(not (self.init_from and self.pretrain_epochs),
+             "use either --init_from or --pretrain_epochs, not both.")
+
+    @property
+    def prunes(self):
+        return METHOD_PRESETS[self.method]["prunes"]
+
+    @property
+    def adversarial(self):
+        return METHOD_PRESETS[self.method]["adversarial"]

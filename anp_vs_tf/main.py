@@ -1,0 +1,96 @@
+"""Command line: `python -m anp_vs_tf.main --flagfile=configs/NAME.cfg [--flag=value ...]`.
+
+Flags become a `RunConfig` (anp_vs_tf.config) and the run is `experiment.run(config)`:
+the same Python API a script or notebook calls. Flags left unset take the data set's
+preset (the authors' settings). Any setting that cannot work stops the run with one
+line on stderr and exit status 2, before data is loaded or anything is written.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags
+
+from anp_vs_tf import experiment
+from anp_vs_tf.config import DATASET_PRESETS, MODES, ConfigError, RunConfig
+from anp_vs_tf.data import DataError
+from anp_vs_tf.trainers.methods import PRESETS as METHODS
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", "train", MODES, "train a model, or eval a saved one (--model_path).")
+flags.DEFINE_enum("method", "anp_vs", list(METHODS), "training method.")
+flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16 (default: per dataset).")
+flags.DEFINE_enum("dataset", "mnist", list(DATASET_PRESETS), "data set ('folder': your own tree at --data_dir).")
+flags.DEFINE_string("data_dir", None, "folder with the data (IDX files or train/ and test/ image folders); "
+                    "default: $ANP_VS_DATA_DIR, then system packages, then tensorflow-datasets.")
+flags.DEFINE_string("out_dir", "runs/default", "where checkpoints, logs, model.keras and metrics.json go.")
+flags.DEFINE_string("model_path", None, "a .keras model saved by anp_vs_tf (for --mode=eval).")
+flags.DEFINE_string("init_from", None, "a .keras model of the same architecture to start from (pretrained base).")
+flags.DEFINE_integer("pretrain_epochs", 0, "first train a standard base model for this many epochs "
+                     "and start from it (instead of --init_from).")
+flags.DEFINE_integer("epochs", 1, "training epochs.")
+flags.DEFINE_integer("batch_size", 128, "training batch size.")
+flags.DEFINE_integer("eval_batch_size", 1000, "evaluation batch size.")
+flags.DEFINE_float("eps", None, "L-inf radius of the attack (default: per dataset).")
+flags.DEFINE_float("step_size", None, "PGD step size in training (default: per dataset).")
+flags.DEFINE_integer("pgd_steps", None, "PGD steps in training (default: per dataset).")
+flags.DEFINE_integer("eval_pgd_steps", 40, "PGD steps in evaluation.")
+flags.DEFINE_float("eval_step_size", None, "PGD step size in evaluation (default: the dataset's step size).")
+flags.DEFINE_float("adv_weight", 2.0, "w in (CE(x) + w CE(x_adv)) / (1 + w).")
+flags.DEFINE_float("beta_kl", None, "beta: weight of the masks' KL per training example (default: per dataset).")
+flags.DEFINE_float("lambda_vs", None, "lambda: weight of the vulnerability suppression loss (default: per dataset).")
+flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on the kernels.")
+flags.DEFINE_float("lr", 1e-3, "Adam learning rate of the weights.")
+flags.DEFINE_float("mask_lr", 1e-2, "Adam learning rate of the Beta-Bernoulli mask parameters.")
+flags.DEFINE_list("lr_decay_at", None, "fractions of training where both learning rates drop x0.1 "
+                  "(default: 0.5,0.7 for MNIST, 0.5,0.8 for CIFAR).")
+flags.DEFINE_float("mask_a_init", 0.31326169, "initial Kumaraswamy a of every mask (E[pi] = a/(a+1) for b=1).")
+flags.DEFINE_float("mask_b_init", 1.0, "initial Kumaraswamy b of every mask.")
+flags.DEFINE_integer("seed", 0, "random seed (weights, data order, masks, attacks).")
+flags.DEFINE_integer("train_subset", None, "use a class-balanced subset of this many training examples.")
+flags.DEFINE_integer("test_subset", None, "use a class-balanced subset of this many test examples.")
+flags.DEFINE_bool("download", True, "let tensorflow-datasets download a data set found nowhere else.")
+flags.DEFINE_bool("overwrite", False, "allow replacing a finished run in --out_dir.")
+flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def config_from_flags():
+    """The RunConfig the flags describe."""
+    values = {field.name: FLAGS[field.name].value for field in dataclasses.fields(RunConfig)}
+    if values["lr_decay_at"] is not None:
+        try:
+            values["lr_decay_at"] = tuple(float(v) for v in values["lr_decay_at"])
+        except ValueError:
+            raise ConfigError(f"--lr_decay_at takes numbers, got {','.join(values['lr_decay_at'])}.") from None
+    return RunConfig(**values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {' '.join(argv[1:])}; all settings are --flags.")
+    try:
+        experiment.run(config_from_flags())
+    except (ConfigError, DataError) as error:
+        _fail(str(error))
+
+
+def _fail(message):
+    print(f"anp_vs_tf: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's parser, with a bad flag or flagfile reported in one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"{error}. Run with --helpfull to list the flags.")
+
+
+def run():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
