@@ -103,9 +103,13 @@ def learning_rate(base, config, steps_per_epoch, epochs):
     )
 
 
-def build(config, info, method_name=None, init_from=None):
-    """The compiled RobustModel a run trains, initialised from `init_from` if given."""
+def build(config, info, method_name=None, init_from=None, epochs=None):
+    """The compiled RobustModel a run trains, initialised from `init_from` if given.
+
+    `epochs` (default config.epochs) is the length the learning-rate schedule spans.
+    """
     method_name = method_name or config.method
+    epochs = config.epochs if epochs is None else epochs
     method = get_method(
         method_name,
         adv_weight=config.adv_weight,
@@ -130,9 +134,9 @@ def build(config, info, method_name=None, init_from=None):
     model = RobustModel(backbone, method, adversary=adversary, seed=config.seed)
     steps_per_epoch = math.ceil(info.num_train / config.batch_size)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(config.lr, config, steps_per_epoch, config.epochs)),
+        optimizer=keras.optimizers.Adam(learning_rate(config.lr, config, steps_per_epoch, epochs)),
         mask_optimizer=(
-            keras.optimizers.Adam(learning_rate(config.mask_lr, config, steps_per_epoch, config.epochs))
+            keras.optimizers.Adam(learning_rate(config.mask_lr, config, steps_per_epoch, epochs))
             if method.prunes else None
         ),
     )
@@ -161,8 +165,8 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
     """Train one model into out_dir and measure it; returns its metrics."""
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    model = build(config, splits.info, method_name, init_from)
     epochs = config.epochs if epochs is None else epochs
+    model = build(config, splits.info, method_name, init_from, epochs)
     if epochs:
         fit(model, splits.train, epochs, out_dir, validation=splits.test, verbose=config.verbose)
     model.save(os.path.join(out_dir, "model.keras"))
@@ -193,6 +197,7 @@ def _load_data(config):
         config.dataset,
         data_dir=config.data_dir,
         batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
         train_subset=config.train_subset,
         test_subset=config.test_subset,
         seed=config.seed,

@@ -23,7 +23,7 @@ def data_dir():
 
 
 @pytest.fixture(scope="session")
-def mnist(data_dir):
+def mnist_subset(data_dir):
     """Real MNIST as float arrays in [0, 1]: a 6,000-image balanced training subset and 1,000 test images."""
     from anp_vs_tf.data import class_balanced_subset, load_arrays
 
@@ -38,14 +38,14 @@ def mnist(data_dir):
 
 
 @pytest.fixture(scope="session")
-def trained_lenet(mnist):
+def trained_lenet(mnist_subset):
     """A LeNet-5-Caffe trained (standard) for two epochs on the MNIST subset: about 96% clean accuracy."""
     import keras
 
     from anp_vs_tf import models
     from anp_vs_tf.trainers import RobustModel
 
-    x, y, _, _ = mnist
+    x, y, _, _ = mnist_subset
     keras.utils.set_random_seed(0)
     model = RobustModel(models.lenet5_caffe(), "standard", seed=0)
     model.compile(keras.optimizers.Adam(1e-3))

@@ -12,8 +12,8 @@ def per_example_loss(model, x, y):
 
 
 @pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
-def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist, norm, eps, step):
-    _, _, x, y = mnist
+def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist_subset, norm, eps, step):
+    _, _, x, y = mnist_subset
     x, y = x[:256], y[:256]
     attack = PGD(eps, step, 10, norm=norm)
     x_adv = attack(trained_lenet.deterministic_logits, x, y, seed=tf.constant([1, 2])).numpy()
@@ -28,8 +28,8 @@ def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist, norm, e
 
 
 @pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
-def test_pgd_raises_the_loss_above_the_clean_loss(trained_lenet, mnist, norm, eps, step):
-    _, _, x, y = mnist
+def test_pgd_raises_the_loss_above_the_clean_loss(trained_lenet, mnist_subset, norm, eps, step):
+    _, _, x, y = mnist_subset
     x, y = x[:256], y[:256]
     x_adv = PGD(eps, step, 10, norm=norm)(trained_lenet.deterministic_logits, x, y, seed=tf.constant([3, 4]))
     clean, adv = per_example_loss(trained_lenet, x, y), per_example_loss(trained_lenet, x_adv.numpy(), y)
@@ -48,8 +48,8 @@ def test_pgd_is_compiled_as_one_while_loop():
     assert "MatMul" not in ops  # the forward and backward passes live in the loop body only
 
 
-def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist):
-    _, _, x, y = mnist
+def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist_subset):
+    _, _, x, y = mnist_subset
     x, y = tf.constant(x[:64]), tf.constant(y[:64])
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -58,8 +58,8 @@ def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist)
     np.testing.assert_allclose(fgsm(0.2)(trained_lenet.deterministic_logits, x, y).numpy(), expected.numpy())
 
 
-def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist):
-    _, _, x, y = mnist
+def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist_subset):
+    _, _, x, y = mnist_subset
     x, y = x[:128], y[:128]
     seed = tf.constant([5, 6])
     seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -69,8 +69,8 @@ def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist):
     np.testing.assert_allclose(per_example_loss(trained_lenet, best.numpy(), y), losses.max(0), rtol=1e-5)
 
 
-def test_zero_steps_without_random_start_is_the_identity(trained_lenet, mnist):
-    _, _, x, y = mnist
+def test_zero_steps_without_random_start_is_the_identity(trained_lenet, mnist_subset):
+    _, _, x, y = mnist_subset
     out = PGD(0.3, 0.1, 0, random_start=False)(trained_lenet.deterministic_logits, x[:8], y[:8])
     np.testing.assert_array_equal(out.numpy(), x[:8])
 

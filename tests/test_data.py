@@ -101,6 +101,8 @@ def test_mnist_load_pipeline(mnist, data_dir):
     np.testing.assert_array_equal(labels.numpy(), yt[:500])  # test set keeps its order
     images, labels = next(iter(loaded.train))
     assert images.shape == (500, 28, 28, 1) and labels.shape == (500,)
+    split = data.load("mnist", data_dir=data_dir, batch_size=64, eval_batch_size=1000, download=False)
+    assert next(iter(split.train))[0].shape[0] == 64 and next(iter(split.test))[0].shape[0] == 1000
 
 
 def test_data_dir_from_environment(mnist, data_dir, monkeypatch):

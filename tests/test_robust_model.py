@@ -38,8 +38,8 @@ def changed(before, after):
 
 
 @pytest.mark.parametrize("frozen", ["weights", "masks"])
-def test_each_optimizer_moves_only_its_own_variables(mnist, frozen):
-    x, y, _, _ = mnist
+def test_each_optimizer_moves_only_its_own_variables(mnist_subset, frozen):
+    x, y, _, _ = mnist_subset
     model = make_model()
     weight_lr, mask_lr = (0.0, 1e-2) if frozen == "weights" else (1e-3, 0.0)
     model.compile(keras.optimizers.SGD(weight_lr), mask_optimizer=keras.optimizers.SGD(mask_lr))
@@ -55,9 +55,9 @@ def test_each_optimizer_moves_only_its_own_variables(mnist, frozen):
     assert len(model.weight_variables) == 8  # kernels and biases of conv1, conv2, dense1, logits
 
 
-def test_clean_and_adversarial_views_share_one_mask_sample(mnist):
+def test_clean_and_adversarial_views_share_one_mask_sample(mnist_subset):
     """With x~ = x the vulnerability is exactly zero only if both views use one mask."""
-    x = tf.constant(mnist[0][:32])
+    x = tf.constant(mnist_subset[0][:32])
     for fuse in (True, False):
         views = make_model(fuse_views=fuse).forward_views(x, x)
         assert float(network_vulnerability(views.latents, views.latents_adv)) == 0.0
@@ -67,9 +67,9 @@ def test_clean_and_adversarial_views_share_one_mask_sample(mnist):
     assert float(network_vulnerability(independent, again)) > 0.0
 
 
-def test_fused_and_separate_forward_passes_agree(mnist):
+def test_fused_and_separate_forward_passes_agree(mnist_subset):
     """Without batch norm, one stacked [x; x~] batch is the same computation as two calls."""
-    x = tf.constant(mnist[0][:32])
+    x = tf.constant(mnist_subset[0][:32])
     x_adv = tf.clip_by_value(x + 0.1, 0.0, 1.0)
     fused = make_model(fuse_views=True).forward_views(x, x_adv)
     separate = make_model(fuse_views=False).forward_views(x, x_adv)
@@ -78,8 +78,8 @@ def test_fused_and_separate_forward_passes_agree(mnist):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
-def test_anp_vs_losses_match_a_hand_computation(mnist):
-    x, y = tf.constant(mnist[0][:64]), tf.constant(mnist[1][:64])
+def test_anp_vs_losses_match_a_hand_computation(mnist_subset):
+    x, y = tf.constant(mnist_subset[0][:64]), tf.constant(mnist_subset[1][:64])
     model = make_model()
     x_adv = model.attack(x, y)
     views = model.forward_views(x, x_adv)
@@ -107,8 +107,8 @@ def test_anp_vs_losses_match_a_hand_computation(mnist):
     assert float(terms["vulnerability"]) == pytest.approx(vulnerability, rel=1e-4)
 
 
-def test_standard_and_at_losses(mnist):
-    x, y = tf.constant(mnist[0][:64]), tf.constant(mnist[1][:64])
+def test_standard_and_at_losses(mnist_subset):
+    x, y = tf.constant(mnist_subset[0][:64]), tf.constant(mnist_subset[1][:64])
     standard = make_model("standard")
     terms = standard.method.losses(standard, standard.forward_views(x), y)
     assert set(terms) == {"ce", "loss"}
@@ -121,8 +121,8 @@ def test_standard_and_at_losses(mnist):
     assert float(terms["ce_adv"]) > float(terms["ce"])  # the attack found harder inputs
 
 
-def test_save_then_load_reproduces_predictions_and_training_state(mnist, tmp_path):
-    x, y, x_test, _ = mnist
+def test_save_then_load_reproduces_predictions_and_training_state(mnist_subset, tmp_path):
+    x, y, x_test, _ = mnist_subset
     model = make_model()
     model.compile(keras.optimizers.Adam(1e-3), mask_optimizer=keras.optimizers.Adam(1e-2))
     model.fit(x[:256], y[:256], batch_size=64, epochs=1, verbose=0)
@@ -142,8 +142,8 @@ def test_save_then_load_reproduces_predictions_and_training_state(mnist, tmp_pat
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_fit_and_evaluate_with_the_usual_keras_callbacks(mnist, tmp_path):
-    x, y, x_test, y_test = mnist
+def test_fit_and_evaluate_with_the_usual_keras_callbacks(mnist_subset, tmp_path):
+    x, y, x_test, y_test = mnist_subset
     model = make_model("anp_vs", eval_adversary=attacks.PGD(0.3, 0.05, 5))
     model.compile(keras.optimizers.Adam(1e-3))
     history = model.fit(
@@ -182,9 +182,9 @@ def test_methods_refuse_a_backbone_they_cannot_train():
         RobustModel(models.lenet5_caffe(), "standard").compile("adam", loss="mse")
 
 
-def test_a_plain_classifier_trains_with_the_standard_method(mnist):
+def test_a_plain_classifier_trains_with_the_standard_method(mnist_subset):
     """Any Keras classifier with a logits output works; it just has no latent features."""
-    x, y, x_test, y_test = mnist
+    x, y, x_test, y_test = mnist_subset
     inputs = keras.Input((28, 28, 1))
     hidden = keras.layers.Dense(64, activation="relu")(keras.layers.Flatten()(inputs))
     model = RobustModel(keras.Model(inputs, keras.layers.Dense(10)(hidden)), "standard")
