@@ -38,6 +38,8 @@ class PGD:
         clip_min, clip_max: the valid input range, enforced after every step.
         loss_fn: `loss_fn(logits, y) -> per-example loss` to maximize; cross-entropy
             with integer labels by default (TRADES passes a KL to clean predictions).
+        eot_samples: expectation over transformation: average the gradient over this
+            many calls of `logits_fn`, for a stochastic network (e.g. sampled masks).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class PGD:
         clip_min=0.0,
         clip_max=1.0,
         loss_fn=None,
+        eot_samples=1,
     ):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
@@ -62,6 +65,8 @@ class PGD:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
         if int(restarts) != restarts or restarts < 1:
             raise ValueError(f"restarts must be a positive integer, got {restarts}.")
+        if int(eot_samples) != eot_samples or eot_samples < 1:
+            raise ValueError(f"eot_samples must be a positive integer, got {eot_samples}.")
         if not clip_min < clip_max:
             raise ValueError(f"clip_min must be below clip_max, got {clip_min}, {clip_max}.")
         self.eps = float(eps)
@@ -73,11 +78,12 @@ class PGD:
         self.clip_min = float(clip_min)
         self.clip_max = float(clip_max)
         self.loss_fn = loss_fn or cross_entropy_loss
+        self.eot_samples = int(eot_samples)
 
     def __repr__(self):
         return (
             f"PGD(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
-            f"norm={self.norm!r}, restarts={self.restarts})"
+            f"norm={self.norm!r}, restarts={self.restarts}, eot_samples={self.eot_samples})"
         )
 
     # -- geometry of the ball ----------------------------------------------------
@@ -113,18 +119,31 @@ class PGD:
 
     # -- the attack ----------------------------------------------------------------
 
-    def _loss_and_grad(self, logits_fn, x_adv, y):
+    def _gradient(self, logits_fn, x_adv, y):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            loss = self.loss_fn(logits_fn(x_adv), y)
-            total = tf.reduce_sum(loss)
-        return loss, tape.gradient(total, x_adv)
+            total = tf.reduce_sum(self.loss_fn(logits_fn(x_adv), y))
+        return tape.gradient(total, x_adv)
+
+    def _expected_gradient(self, logits_fn, x_adv, y):
+        """The loss gradient, averaged over `eot_samples` draws of a stochastic logits_fn."""
+        if self.eot_samples == 1:
+            return self._gradient(logits_fn, x_adv, y)
+
+        def body(k, total):
+            return k + 1, total + self._gradient(logits_fn, x_adv, y)
+
+        _, total = tf.while_loop(
+            lambda k, _: k < self.eot_samples, body, (tf.constant(0), tf.zeros_like(x_adv)),
+            maximum_iterations=self.eot_samples,
+        )
+        return total / self.eot_samples
 
     def _single_run(self, logits_fn, x, y, seed):
         x_adv = self._random_start(x, seed) if self.random_start else tf.identity(x)
 
         def body(i, x_adv):
-            _, grad = self._loss_and_grad(logits_fn, x_adv, y)
+            grad = self._expected_gradient(logits_fn, x_adv, y)
             x_next = x_adv + self.step_size * self._ascent_direction(grad)
             return i + 1, tf.stop_gradient(self.project(x_next, x))
 
@@ -165,6 +184,7 @@ class PGD:
             restarts=self.restarts,
             clip_min=self.clip_min,
             clip_max=self.clip_max,
+            eot_samples=self.eot_samples,
         )
 
     @classmethod

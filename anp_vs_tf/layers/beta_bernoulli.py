@@ -69,9 +69,10 @@ def concrete_sample(pi, temperature, batch_size, seed):
 class _MaskScope:
     """Per-step mask sampling settings, read while the step is traced."""
 
-    def __init__(self, seed, batch_size):
+    def __init__(self, seed, batch_size, at_inference):
         self.seed = seed
         self.batch_size = batch_size
+        self.at_inference = at_inference
         self.masks = {}
 
 
@@ -79,7 +80,7 @@ _scope_state = threading.local()
 
 
 @contextlib.contextmanager
-def mask_sampling(seed=None, shared_batch_size=None):
+def mask_sampling(seed=None, shared_batch_size=None, at_inference=False):
     """Control how training-mode `BetaBernoulliDropout` layers draw their masks.
 
     seed: a stateless seed (shape-[2] int tensor) for this step. Each layer folds in
@@ -91,11 +92,14 @@ def mask_sampling(seed=None, shared_batch_size=None):
         `tf.concat([x, x_adv], 0)` (the mask is tiled) or separate calls on `x` and
         `x_adv`. Vulnerability |z - z~| then measures what the perturbation does to a
         feature, not the difference between two dropout draws.
+    at_inference: sample masks even in inference mode (training=False), so that batch
+        norm keeps its moving statistics while the masks are random: the stochastic
+        network an expectation-over-transformation attack averages over.
 
     The scope is read while a `tf.function` is traced, so it costs nothing per step.
     """
     previous = getattr(_scope_state, "scope", None)
-    _scope_state.scope = _MaskScope(seed, shared_batch_size)
+    _scope_state.scope = _MaskScope(seed, shared_batch_size, at_inference)
     try:
         yield _scope_state.scope
     finally:
@@ -251,7 +255,8 @@ class BetaBernoulliDropout(keras.layers.Layer):
         return tf.tile(mask, tf.stack([views, 1]))
 
     def call(self, inputs, training=False):
-        if training:
+        scope = getattr(_scope_state, "scope", None)
+        if training or (scope is not None and scope.at_inference):
             mask = self._training_mask(tf.shape(inputs)[0])
             mask = tf.reshape(mask, [-1] + [1] * (len(inputs.shape) - 2) + [self.units])
         else:

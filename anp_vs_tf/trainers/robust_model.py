@@ -73,7 +73,8 @@ class RobustModel(keras.Model):
         self.seed = int(seed) if seed is not None else random.randint(0, 2**31 - 2)
         self._check_backbone()
         self._eval_seeds = keras.random.SeedGenerator(self.seed + 1)
-        self._trackers = {
+        # The running means a step reports, by name; evaluate() reads them afterwards.
+        self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in ("loss", "mask_loss", "ce", "ce_adv", "acc", "acc_adv", "kl", "vulnerability")
         }
@@ -124,6 +125,11 @@ class RobustModel(keras.Model):
         """Logits of the inference network (expected masks, moving BN statistics)."""
         return self.logits_and_latents(inputs, training=False)[0]
 
+    def stochastic_logits(self, inputs):
+        """Logits with freshly sampled masks, everything else as at inference."""
+        with mask_sampling(at_inference=True):
+            return self.logits_and_latents(inputs, training=False)[0]
+
     @property
     def mask_layers(self):
         return beta_bernoulli_layers(self.backbone)
@@ -173,14 +179,16 @@ class RobustModel(keras.Model):
         return seed
 
     def attack(self, x, y, adversary=None, seed=None):
-        """Adversarial examples against the deterministic network.
+        """Adversarial examples against the deterministic network, or against the
+        stochastic one (sampled masks) for an attack with expectation over transformation.
 
         Without a `seed`, the random start comes from the model's evaluation stream.
         """
         adversary = adversary or self.adversary
         if seed is None:
             seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
-        return adversary(self.deterministic_logits, x, y, seed)
+        stochastic = getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers
+        return adversary(self.stochastic_logits if stochastic else self.deterministic_logits, x, y, seed)
 
     def forward_views(self, x, x_adv=None, seed=None):
         """Training-mode forward of x and x~ sharing one mask sample per example.
@@ -237,7 +245,7 @@ class RobustModel(keras.Model):
         self.compile(**serialization_lib.deserialize_keras_object(config))
 
     def _logs(self, names):
-        return {n: self._trackers[n].result() for n in names}
+        return {n: self.trackers[n].result() for n in names}
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -259,12 +267,12 @@ class RobustModel(keras.Model):
 
         names = [n for n in ("loss", "mask_loss", "ce", "ce_adv", "kl", "vulnerability") if n in terms]
         for name in names:
-            self._trackers[name].update_state(terms[name])
+            self.trackers[name].update_state(terms[name])
         names.append("acc")
-        self._trackers["acc"].update_state(_correct(y, views.logits))
+        self.trackers["acc"].update_state(_correct(y, views.logits))
         if views.logits_adv is not None:
             names.append("acc_adv")
-            self._trackers["acc_adv"].update_state(_correct(y, views.logits_adv))
+            self.trackers["acc_adv"].update_state(_correct(y, views.logits_adv))
         logs = self._logs(names)
         if masks:
             logs["sparsity"] = self.sparsity()
@@ -273,17 +281,17 @@ class RobustModel(keras.Model):
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits, latents = self.logits_and_latents(x, training=False)
-        self._trackers["loss"].update_state(
+        self.trackers["loss"].update_state(
             tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.cast(y, tf.int32), logits=tf.cast(logits, tf.float32)
             )
         )
-        self._trackers["acc"].update_state(_correct(y, logits))
+        self.trackers["acc"].update_state(_correct(y, logits))
         names = ["loss", "acc"]
         if self.eval_adversary is not None:
             x_adv = self.attack(x, y, self.eval_adversary)
             logits_adv, latents_adv = self.logits_and_latents(x_adv, training=False)
-            self._trackers["acc_adv"].update_state(_correct(y, logits_adv))
+            self.trackers["acc_adv"].update_state(_correct(y, logits_adv))
             names.append("acc_adv")
             if latents:
                 self.feature_vulnerability.update_state(latents, latents_adv)
@@ -294,7 +302,7 @@ class RobustModel(keras.Model):
 
     @property
     def metrics(self):
-        return list(self._trackers.values()) + [self.feature_vulnerability]
+        return list(self.trackers.values()) + [self.feature_vulnerability]
 
     def set_eval_adversary(self, adversary):
         """Change the attack `evaluate()` uses (None: clean accuracy only)."""
