@@ -1,11 +1,15 @@
 """What the paper reports for one model: accuracy, robustness, vulnerability, size.
 
-`evaluate()` arranges the pieces that live elsewhere: the model's own `test_step`
-(clean and adversarial accuracy, vulnerability, with Keras' progress bar and any
-distribution strategy) and the layer walk of `metrics.complexity`.
+`evaluate()` arranges pieces that live elsewhere: attacks (`attacks`), the model's own
+compiled `test_step` (accuracy and vulnerability under an attack, with Keras' progress
+bar and any distribution strategy), the gradient-masking checks and the layer walk of
+`metrics.complexity`. The result is the content of a run's metrics.json.
 """
 
+from anp_vs_tf.attacks import PGD, TransferAttack, fgsm
 from anp_vs_tf.metrics.complexity import complexity
+from anp_vs_tf.metrics.gradient_masking import gradient_masking_checks
+from anp_vs_tf.metrics.robustness import attack_evaluation
 from anp_vs_tf.models.backbone import split_outputs
 
 
@@ -20,30 +24,60 @@ def attack_settings(adversary):
     return {"name": type(adversary).__name__, **adversary.get_config()}
 
 
-def evaluate(model, dataset, adversary, verbose=1):
-    """Clean and white-box robust accuracy, vulnerability and complexity of `model`.
+def _vulnerability_entries(result, names, suffix):
+    if "vulnerability" not in result:
+        return {}
+    return {
+        f"vulnerability_{suffix}": result["vulnerability"],
+        f"layer_vulnerability_{suffix}": dict(zip(names, result["layer_vulnerability"])),
+        f"feature_vulnerability_{suffix}": dict(zip(names, result["feature_vulnerability"])),
+    }
+
+
+def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_samples=0,
+             sanity_examples=1000, verbose=1):
+    """Everything metrics.json reports about `model` on `dataset`.
 
     Args:
         model: a `RobustModel`.
-        dataset: batches of (image, label).
+        dataset: batches of (image, label), e.g. the test split.
         adversary: the white-box attack, e.g. `attacks.PGD(0.3, 0.01, 40)`.
+        fgsm_attack: also measure FGSM accuracy at the same eps ("fgsm_acc").
+        bb_source: a separately trained model; the same attack crafted on it and
+            transferred gives "bb_acc" and "vulnerability_bb" (black box).
+        eot_samples: if > 1 and the model has masks, PGD with expectation over this
+            many mask samples attacks the stochastic network ("eot_acc").
+        sanity_examples: run the gradient-masking checks on this many examples (0: skip).
     Returns:
-        a json-serializable dict: clean_acc, pgd_acc, vulnerability_wb,
-        layer_vulnerability_wb, sparsity_pct, n_active, n_units, params_kept_pct,
-        flops_speedup, memory_pct (and the raw counts), eval_attack, num_examples.
+        a json-serializable dict: clean_acc, pgd_acc, fgsm_acc, bb_acc, eot_acc,
+        vulnerability_{wb,bb} with per-layer and per-feature values, sanity checks,
+        the complexity figures (sparsity_pct, n_active, params_kept_pct, memory_pct,
+        flops_speedup, raw counts), the attack settings and the number of examples.
     """
-    model.set_eval_adversary(adversary)
-    logs = model.evaluate(dataset, return_dict=True, verbose=verbose)
-    tracker = model.feature_vulnerability
-    results = {
-        "clean_acc": float(logs["acc"]),
-        "pgd_acc": float(logs["acc_adv"]),
-        "num_examples": int(tracker.count.numpy()),
+    names = latent_names(model.backbone)
+    white_box = attack_evaluation(model, dataset, adversary, verbose=verbose)
+    metrics = {
+        "clean_acc": white_box["acc"],
+        "pgd_acc": white_box["acc_adv"],
+        "num_examples": white_box["examples"],
         "eval_attack": attack_settings(adversary),
+        **_vulnerability_entries(white_box, names, "wb"),
     }
-    if tracker.units_per_layer:
-        per_layer = [float(v) for v in tracker.per_layer().numpy()]
-        results["vulnerability_wb"] = float(tracker.result().numpy())
-        results["layer_vulnerability_wb"] = dict(zip(latent_names(model.backbone), per_layer))
-    results.update(complexity(model.backbone).to_dict())
-    return results
+    if fgsm_attack:
+        one_step = fgsm(adversary.eps, adversary.clip_min, adversary.clip_max)
+        metrics["fgsm_acc"] = attack_evaluation(model, dataset, one_step, verbose=verbose)["acc_adv"]
+    if bb_source is not None:
+        transfer = TransferAttack(bb_source, adversary)
+        black_box = attack_evaluation(model, dataset, transfer, verbose=verbose)
+        metrics["bb_acc"] = black_box["acc_adv"]
+        metrics["bb_attack"] = attack_settings(transfer)
+        metrics.update(_vulnerability_entries(black_box, names, "bb"))
+    if eot_samples > 1 and model.mask_layers:
+        eot = PGD(adversary.eps, adversary.step_size, adversary.steps, norm=adversary.norm,
+                  clip_min=adversary.clip_min, clip_max=adversary.clip_max, eot_samples=eot_samples)
+        metrics["eot_acc"] = attack_evaluation(model, dataset, eot, verbose=verbose)["acc_adv"]
+        metrics["eot_attack"] = attack_settings(eot)
+    if sanity_examples:
+        metrics["sanity"] = gradient_masking_checks(model, dataset, adversary, sanity_examples)
+    metrics.update(complexity(model.backbone).to_dict())
+    return metrics
