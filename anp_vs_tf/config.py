@@ -66,6 +66,11 @@ class RunConfig:
     seed: int = 0
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    bb_source: Optional[str] = None
+    fgsm: bool = True
+    eot_samples: int = 0
+    sanity_examples: int = 1000
+    plots: bool = True
     download: bool = True
     overwrite: bool = False
     verbose: int = 1
@@ -116,6 +121,12 @@ class RunConfig:
         if self.mode == "eval":
             need(self.model_path is not None, "--mode=eval needs --model_path=PATH.keras.")
             need(os.path.exists(self.model_path), f"--model_path {self.model_path} does not exist.")
+        need(self.eot_samples >= 0 and self.sanity_examples >= 0,
+             "eot_samples and sanity_examples must be >= 0.")
+        if self.bb_source is not None:
+            need(os.path.exists(self.bb_source),
+                 f"--bb_source {self.bb_source} does not exist; train a source model first "
+                 "(e.g. --method=standard with another --seed).")
         if self.init_from is not None:
             need(os.path.exists(self.init_from),
                  f"--init_from {self.init_from} does not exist; train a base model first "

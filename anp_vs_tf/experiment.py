@@ -7,6 +7,7 @@
     out_dir/logs/            TensorBoard
     out_dir/model.keras      the trained model
     out_dir/metrics.json     what `evaluation.evaluate` measured on the test set
+    out_dir/plots/           the run's figures (`plots.write_run_plots`)
 
 The CLI calls `run(config)`; the steps below are what a user's own script would do.
 """
@@ -31,7 +32,7 @@ _RESTART_KEYS = ("verbose", "overwrite", "download")
 def _write_json(path, payload):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        json.dump(payload, f, indent=2)  # insertion order: layers stay in network order
     os.replace(tmp, path)
 
 
@@ -147,6 +148,35 @@ def eval_attack(config):
     return attacks.PGD(config.eps, config.eval_step_size, config.eval_pgd_steps)
 
 
+def measure(model, splits, config, out_dir, bb_source=None):
+    """evaluation.evaluate with the run's settings, and the run's figures."""
+    adversary = eval_attack(config)
+    metrics = evaluation.evaluate(
+        model, splits.test, adversary, fgsm_attack=config.fgsm, bb_source=bb_source,
+        eot_samples=config.eot_samples, sanity_examples=config.sanity_examples, verbose=config.verbose,
+    )
+    if config.plots:
+        from anp_vs_tf import plots  # matplotlib loads only when figures are drawn
+
+        plots.write_run_plots(model, splits.test, adversary, out_dir, metrics=metrics)
+    return metrics
+
+
+def _load_bb_source(config):
+    """The black-box source model, checked before any work starts."""
+    if config.bb_source is None:
+        return None
+    source = load_robust_model(config.bb_source)
+    expected = tuple(source.backbone.input_shape[1:])
+    spec = data.DATASETS.get(config.dataset)
+    if getattr(spec, "input_shape", None) and tuple(spec.input_shape) != expected:
+        raise ConfigError(
+            f"--bb_source {config.bb_source} takes {'x'.join(map(str, expected))} images, "
+            f"{config.dataset} has {'x'.join(map(str, spec.input_shape))}."
+        )
+    return source
+
+
 def fit(model, dataset, epochs, out_dir, validation=None, verbose=1):
     """model.fit with the run's callbacks: backup/resume, latest checkpoint, TensorBoard."""
     os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
@@ -161,7 +191,8 @@ def fit(model, dataset, epochs, out_dir, validation=None, verbose=1):
     )
 
 
-def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None, epochs=None):
+def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None, epochs=None,
+                       bb_source=None):
     """Train one model into out_dir and measure it; returns its metrics."""
     start = time.time()
     os.makedirs(out_dir, exist_ok=True)
@@ -170,7 +201,7 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
     if epochs:
         fit(model, splits.train, epochs, out_dir, validation=splits.test, verbose=config.verbose)
     model.save(os.path.join(out_dir, "model.keras"))
-    metrics = evaluation.evaluate(model, splits.test, eval_attack(config), verbose=config.verbose)
+    metrics = measure(model, splits, config, out_dir, bb_source)
     metrics.update(
         method=model.method.name,
         model=config.model,
@@ -217,6 +248,7 @@ def run_train(config):
             raise ConfigError(
                 f"--init_from {config.init_from} is a {base.backbone.name}, not a {config.model}."
             )
+    bb_source = _load_bb_source(config)
     splits = _load_data(config)
     out = prepare_out_dir(config)
     keras.utils.set_random_seed(config.seed)
@@ -229,14 +261,15 @@ def run_train(config):
                 base_metrics = json.load(f)
         else:
             base_metrics = train_and_evaluate(
-                config, splits, base_dir, method_name="standard", epochs=config.pretrain_epochs
+                config, splits, base_dir, method_name="standard", epochs=config.pretrain_epochs,
+                bb_source=bb_source,
             )
         init_from = os.path.join(base_dir, "model.keras")
-        rows.append(("base (standard)", base_metrics))
-    metrics = train_and_evaluate(config, splits, out, init_from=init_from)
+        rows.append((f"{report.PAPER_NAMES['standard']} (base)", base_metrics))
+    metrics = train_and_evaluate(config, splits, out, init_from=init_from, bb_source=bb_source)
     metrics["wall_time_s"] = time.time() - start
     _write_json(os.path.join(out, "metrics.json"), metrics)
-    rows.append((config.method, metrics))
+    rows.append((report.PAPER_NAMES.get(config.method, config.method), metrics))
     print(report.format_table(rows))
     return metrics
 
@@ -248,13 +281,14 @@ def run_eval(config):
     model_name = model.backbone.name
     config = dataclasses.replace(config, model=model_name)
     check_out_dir(config)
+    bb_source = _load_bb_source(config)
     splits = _load_data(config)
     out = prepare_out_dir(config)
-    metrics = evaluation.evaluate(model, splits.test, eval_attack(config), verbose=config.verbose)
+    metrics = measure(model, splits, config, out, bb_source)
     metrics.update(method=model.method.name, model=model_name, dataset=config.dataset,
                    model_path=config.model_path, wall_time_s=time.time() - start)
     _write_json(os.path.join(out, "metrics.json"), metrics)
-    print(report.format_table([(model.method.name, metrics)]))
+    print(report.format_table([(report.PAPER_NAMES.get(model.method.name, model.method.name), metrics)]))
     return metrics
 
 

@@ -84,11 +84,15 @@ def test_a_short_run_writes_metrics_and_evaluates_again(tmp_path, data_dir):
                 "flops_speedup", "wall_time_s", "layer_vulnerability_wb", "memory_pct", "eval_attack"):
         assert key in metrics, key
     assert metrics["eval_attack"]["steps"] == 5 and metrics["eval_attack"]["step_size"] == 0.01
+    assert set(metrics["sanity"]) >= {"accuracy_falls_with_eps", "unbounded_attack_succeeds", "all_passed"}
+    assert 0 <= metrics["fgsm_acc"] <= 1
     assert metrics["num_examples"] == 300 and 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1
     assert set(metrics["n_active"]) == {"conv1_bbd", "conv2_bbd", "dense1_bbd"}
     assert base["method"] == "standard" and base["sparsity_pct"] == 0.0
-    assert "| anp_vs |" in result.stdout and "| base (standard) |" in result.stdout
-    for name in ("model.keras", "config.json", "checkpoints/latest.keras", "base/model.keras"):
+    assert "| ANP-VS |" in result.stdout and "| Standard (base) |" in result.stdout
+    for name in ("model.keras", "config.json", "checkpoints/latest.keras", "base/model.keras",
+                 "plots/active_units.png", "plots/feature_vulnerability.png", "plots/loss_surface.png",
+                 "plots/saliency.png", "base/plots/loss_surface.png"):
         assert (out / name).exists(), name
     assert any((out / "logs").rglob("events.*"))
 
