@@ -94,6 +94,8 @@ def test_a_short_run_writes_metrics_and_evaluates_again(tmp_path, data_dir):
                  "plots/active_units.png", "plots/feature_vulnerability.png", "plots/loss_surface.png",
                  "plots/saliency.png", "base/plots/loss_surface.png"):
         assert (out / name).exists(), name
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000, png
     assert any((out / "logs").rglob("events.*"))
 
     # The saved model evaluates to the same clean accuracy from the command line.
