@@ -1,4 +1,11 @@
-"""Keras layers of anp_vs_tf."""
+"""Keras layers of anp_vs_tf: Beta-Bernoulli masks and mean-field Gaussian weights."""
+from anp_vs_tf.layers.bayesian import (
+    GaussianConv2D,
+    GaussianDense,
+    gaussian_kl,
+    gaussian_layers,
+    total_kl,
+)
 from anp_vs_tf.layers.beta_bernoulli import (
     BetaBernoulliDropout,
     beta_bernoulli_layers,
@@ -10,9 +17,14 @@ from anp_vs_tf.layers.beta_bernoulli import (
 
 __all__ = [
     "BetaBernoulliDropout",
+    "GaussianConv2D",
+    "GaussianDense",
     "beta_bernoulli_layers",
     "concrete_sample",
+    "gaussian_kl",
+    "gaussian_layers",
     "kumaraswamy_beta_kl",
     "mask_sampling",
     "shared_mask_sample",
+    "total_kl",
 ]
