@@ -6,7 +6,7 @@ bar and any distribution strategy), the gradient-masking checks and the layer wa
 `metrics.complexity`. The result is the content of a run's metrics.json.
 """
 
-from anp_vs_tf.attacks import PGD, TransferAttack, fgsm
+from anp_vs_tf.attacks import TransferAttack, fgsm
 from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.metrics.gradient_masking import gradient_masking_checks
 from anp_vs_tf.metrics.robustness import attack_evaluation
@@ -73,11 +73,14 @@ def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_sa
         metrics["bb_attack"] = attack_settings(transfer)
         metrics.update(_vulnerability_entries(black_box, names, "bb"))
     if eot_samples > 1 and model.mask_layers:
-        eot = PGD(adversary.eps, adversary.step_size, adversary.steps, norm=adversary.norm,
-                  clip_min=adversary.clip_min, clip_max=adversary.clip_max, eot_samples=eot_samples)
+        eot = adversary.replace(eot_samples=eot_samples)
         metrics["eot_acc"] = attack_evaluation(model, dataset, eot, verbose=verbose)["acc_adv"]
         metrics["eot_attack"] = attack_settings(eot)
     if sanity_examples:
         metrics["sanity"] = gradient_masking_checks(model, dataset, adversary, sanity_examples)
     metrics.update(complexity(model.backbone).to_dict())
+    metrics["weight_sparsity_pct"] = float(model.weight_sparsity())
+    metrics["pruning"] = (
+        "weights" if model.method.prunes_weights else "units" if model.mask_layers else "none"
+    )
     return metrics

@@ -26,7 +26,7 @@ COLUMNS = (
     ("Vul. (BB)", "vulnerability_bb", lambda v: f"{v:.3f}"),
     ("Memory", "memory_pct", lambda v: f"{v:.2f}"),
     ("xFLOPs", "flops_speedup", lambda v: f"{v:.2f}"),
-    ("Sparsity", "sparsity_pct", lambda v: f"{v:.2f}"),
+    ("Sparsity", "sparsity", lambda v: f"{v:.2f}"),
 )
 PERCENT_KEYS = {"clean_acc", "pgd_acc", "bb_acc"}
 
@@ -37,6 +37,14 @@ PAPER_NAMES = {
     "at_bnn": "AT BNN",
 }
 PLOT_NAME = "feature_vulnerability_first_layer.png"
+
+
+def value(metrics, key):
+    """A column's number: the metric itself, except "sparsity", which is the percent of units
+    pruned, or of weights for a method that prunes single weights (ADMM), as in the paper."""
+    if key == "sparsity":
+        key = "weight_sparsity_pct" if metrics.get("pruning") == "weights" else "sparsity_pct"
+    return metrics.get(key)
 
 
 class ReportError(Exception):
@@ -71,9 +79,9 @@ def load_runs(paths, labels=None):
         if not isinstance(metrics, dict):
             raise ReportError(f"{file} holds a JSON {type(metrics).__name__}, not an object of metrics.")
         for _, key, _ in COLUMNS:
-            value = metrics.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise ReportError(f"{file}: {key} is {value!r}, not a number.")
+            number = value(metrics, key)
+            if number is not None and (isinstance(number, bool) or not isinstance(number, numbers.Real)):
+                raise ReportError(f"{file}: {key} is {number!r}, not a number.")
         runs.append((metrics, run_dir))
     if labels is not None:
         return [(label, m, d) for label, (m, d) in zip(labels, runs)]
@@ -95,7 +103,7 @@ def format_table(rows):
     for row in rows:
         label, metrics, _ = _row(row)
         cells = [str(label).replace("|", "\\|")] + [
-            "-" if metrics.get(key) is None else fmt(metrics.get(key)) for _, key, fmt in COLUMNS
+            "-" if value(metrics, key) is None else fmt(value(metrics, key)) for _, key, fmt in COLUMNS
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -114,7 +122,7 @@ def to_csv(rows):
         label, metrics, run_dir = _row(row)
         values = []
         for _, key, _ in COLUMNS:
-            v = metrics.get(key)  # None: absent, e.g. black-box metrics of older runs
+            v = value(metrics, key)  # None: absent, e.g. black-box metrics of older runs
             values.append("" if v is None else repr(float(100 * v if key in PERCENT_KEYS else v)))
         writer.writerow([label] + values + [run_dir, metrics.get("dataset", ""), metrics.get("model", "")])
     return buf.getvalue()

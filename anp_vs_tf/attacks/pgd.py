@@ -33,7 +33,9 @@ class PGD:
         step_size: length of one ascent step (sign step for linf, unit-L2 step for l2).
         steps: number of ascent steps; 0 gives the random start (or x itself).
         norm: "linf" or "l2".
-        random_start: start from a uniform point of the ball instead of x.
+        random_start: True starts from a uniform point of the ball, False from x, and
+            a float from x plus Gaussian noise of that standard deviation (TRADES
+            starts 0.001 away from x, where its KL objective has a nonzero gradient).
         restarts: independent runs; each example keeps the run with the highest loss.
         clip_min, clip_max: the valid input range, enforced after every step.
         loss_fn: `loss_fn(logits, y) -> per-example loss` to maximize; cross-entropy
@@ -73,7 +75,12 @@ class PGD:
         self.step_size = float(step_size)
         self.steps = int(steps)
         self.norm = norm
-        self.random_start = bool(random_start)
+        if isinstance(random_start, bool):
+            self.random_start = random_start
+        elif random_start > 0:
+            self.random_start = float(random_start)
+        else:
+            raise ValueError(f"random_start must be True, False or a positive std, got {random_start}.")
         self.restarts = int(restarts)
         self.clip_min = float(clip_min)
         self.clip_max = float(clip_max)
@@ -98,6 +105,9 @@ class PGD:
         return tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
 
     def _random_start(self, x, seed):
+        if not isinstance(self.random_start, bool):  # Gaussian start, as TRADES
+            noise = tf.random.stateless_normal(tf.shape(x), seed, stddev=self.random_start, dtype=x.dtype)
+            return self.project(x + noise, x)
         if self.norm == "linf":
             delta = tf.random.stateless_uniform(tf.shape(x), seed, -self.eps, self.eps, x.dtype)
         else:
@@ -140,7 +150,7 @@ class PGD:
         return total / self.eot_samples
 
     def _single_run(self, logits_fn, x, y, seed):
-        x_adv = self._random_start(x, seed) if self.random_start else tf.identity(x)
+        x_adv = self._random_start(x, seed) if self.random_start is not False else tf.identity(x)
 
         def body(i, x_adv):
             grad = self._expected_gradient(logits_fn, x_adv, y)
@@ -172,9 +182,7 @@ class PGD:
             best_loss = tf.maximum(loss, best_loss)
         return best
 
-    def get_config(self):
-        if self.loss_fn is not cross_entropy_loss:
-            raise ValueError("a PGD with a custom loss_fn is not serializable; rebuild it in code.")
+    def _settings(self):
         return dict(
             eps=self.eps,
             step_size=self.step_size,
@@ -186,6 +194,15 @@ class PGD:
             clip_max=self.clip_max,
             eot_samples=self.eot_samples,
         )
+
+    def replace(self, **changes):
+        """A copy with some settings changed, e.g. `pgd.replace(eps=1.0, steps=80)`."""
+        return PGD(**{**self._settings(), "loss_fn": self.loss_fn, **changes})
+
+    def get_config(self):
+        if self.loss_fn is not cross_entropy_loss:
+            raise ValueError("a PGD with a custom loss_fn is not serializable; rebuild it in code.")
+        return self._settings()
 
     @classmethod
     def from_config(cls, config):

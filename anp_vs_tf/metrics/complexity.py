@@ -37,6 +37,9 @@ H, W the output's spatial size:
     Flatten, Dropout, InputLayer  nothing.
     BetaBernoulliDropout  nothing: its parameters are training-only and its
                 inference mask folds into the previous layer's weights.
+    GaussianConv2D, GaussianDense  as Conv2D / Dense for one weight draw, plus 3 FLOPs
+                per weight to draw it (mu + softplus(rho) * eps); params twice as many
+                (a mean and a scale per weight).
 
 Activation memory: output elements of every layer but Flatten, Dropout and
 BetaBernoulliDropout (views or folded away), the input included; a count of floats.
@@ -49,6 +52,7 @@ import math
 import keras
 import numpy as np
 
+from anp_vs_tf.layers.bayesian import GaussianConv2D, GaussianDense
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
 
 L = keras.layers
@@ -67,7 +71,8 @@ _CHANNELWISE = (
     L.BatchNormalization,
     L.Normalization,
 )
-_LINEAR = (L.Conv2D, L.Dense)
+_GAUSSIAN = (GaussianConv2D, GaussianDense)
+_LINEAR = (L.Conv2D, L.Dense) + _GAUSSIAN
 _SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout) + _LINEAR + _CHANNELWISE
 # Outputs that are views or fold away at deployment: no activation memory of their own.
 _NO_MEMORY = (L.Flatten, L.Dropout, BetaBernoulliDropout)
@@ -347,14 +352,22 @@ def _channel_params(layer, channels, kept):
     return total
 
 
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def _cost(layer, ins, out, channels):
     """(params, FLOPs) of one layer; `channels` is the dense size of the output's last axis."""
     if isinstance(layer, _LINEAR):
-        taps = math.prod(layer.kernel_size) if isinstance(layer, L.Conv2D) else 1
+        convolution = isinstance(layer, (L.Conv2D, GaussianConv2D))
+        taps = math.prod(_pair(layer.kernel_size)) if convolution else 1
         weights = taps * ins[0].units * out.units
         per_unit_ops = int(layer.use_bias) + int(layer.activation is not keras.activations.linear)
         flops = (2 * weights + per_unit_ops * out.units) * out.positions
-        return weights + int(layer.use_bias) * out.units, flops
+        params = weights + int(layer.use_bias) * out.units
+        if isinstance(layer, _GAUSSIAN):  # a mean and a scale per weight, and the draw
+            return 2 * params, flops + 3 * params
+        return params, flops
     if isinstance(layer, (L.BatchNormalization, L.Normalization)):
         return _channel_params(layer, channels, out.units), 2 * out.elements
     if isinstance(layer, L.Rescaling):

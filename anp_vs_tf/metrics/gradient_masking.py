@@ -15,7 +15,6 @@ Each check is a pure function of the measured numbers (easy to test), and
 
 from absl import logging
 
-from anp_vs_tf.attacks import PGD
 from anp_vs_tf.metrics.robustness import attack_evaluation
 
 # Accuracy differences within one point are attack noise (random starts), not a symptom.
@@ -59,15 +58,13 @@ def gradient_masking_checks(model, dataset, adversary, examples=1000, verbose=0)
 
     def pgd(eps, steps=adversary.steps, step_size=None):
         step_size = adversary.step_size * eps / adversary.eps if step_size is None else step_size
-        return PGD(eps, step_size, steps, norm=adversary.norm, clip_min=adversary.clip_min,
-                   clip_max=adversary.clip_max)
+        return adversary.replace(eps=eps, steps=steps, step_size=step_size, restarts=1)
 
     eps_values = [adversary.eps * f for f in EPS_FRACTIONS]
     base = attack_evaluation(model, data, adversary, verbose=verbose)
     base_acc = base["acc_adv"]
     eps_acc = [base_acc if f == 1.0 else robust_acc(pgd(e)) for f, e in zip(EPS_FRACTIONS, eps_values)]
-    fgsm_acc = robust_acc(PGD(adversary.eps, adversary.eps, 1, norm=adversary.norm, random_start=False,
-                              clip_min=adversary.clip_min, clip_max=adversary.clip_max))
+    fgsm_acc = robust_acc(adversary.replace(step_size=adversary.eps, steps=1, random_start=False, restarts=1))
     full_range = adversary.clip_max - adversary.clip_min
     unbounded_acc = robust_acc(pgd(full_range, step_size=2.5 * full_range / max(adversary.steps, 1)))
     more_steps_acc = robust_acc(pgd(adversary.eps, steps=2 * adversary.steps, step_size=adversary.step_size))

@@ -3,7 +3,8 @@
 A backbone maps images to `{"logits": ..., "latents": [z_1, ..., z_L]}`, where z_l is
 the post-activation output of hidden layer l. With `prunable=True` a
 `BetaBernoulliDropout` follows every hidden activation and z_l is its (masked)
-output, so a pruned unit is a feature with zero vulnerability.
+output, so a pruned unit is a feature with zero vulnerability. With `bayesian=True`
+the convolutions and dense layers have mean-field Gaussian weights (AT BNN).
 
 Layer names are the same with and without the masks ("conv1", "dense1", "logits",
 ...), which is what lets a pruning run start from a pretrained base model.
@@ -11,7 +12,7 @@ Layer names are the same with and without the masks ("conv1", "dense1", "logits"
 
 import keras
 
-from anp_vs_tf.layers import BetaBernoulliDropout
+from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -37,37 +38,63 @@ class _Hidden:
         return {"logits": logits, "latents": self.latents}
 
 
-def lenet_300_100(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None):
+class _Weights:
+    """Builds conv and dense layers, deterministic or with Gaussian weights (AT BNN)."""
+
+    def __init__(self, bayesian_kwargs):
+        self.bayesian = bayesian_kwargs is not None
+        self.bayesian_kwargs = dict(bayesian_kwargs or {})
+
+    def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
+             kernel_initializer="glorot_uniform"):
+        if self.bayesian:
+            return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
+                                  use_bias=use_bias, name=name, **self.bayesian_kwargs)
+        return keras.layers.Conv2D(filters, kernel_size, padding=padding, activation=activation,
+                                   use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
+
+    def dense(self, units, name, activation=None, use_bias=True, kernel_initializer="glorot_uniform"):
+        if self.bayesian:
+            return GaussianDense(units, activation=activation, use_bias=use_bias, name=name,
+                                 **self.bayesian_kwargs)
+        return keras.layers.Dense(units, activation=activation, use_bias=use_bias,
+                                  kernel_initializer=kernel_initializer, name=name)
+
+
+def lenet_300_100(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None,
+                  bayesian_kwargs=None):
     """The fully connected LeNet-300-100 (two hidden layers of 300 and 100 ReLUs)."""
-    hidden = _Hidden(prunable, mask_kwargs)
+    hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
     x = keras.layers.Flatten(name="flatten")(inputs)
-    x = hidden(keras.layers.Dense(300, activation="relu", name="dense1")(x), "dense1")
-    x = hidden(keras.layers.Dense(100, activation="relu", name="dense2")(x), "dense2")
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    x = hidden(make.dense(300, "dense1", activation="relu")(x), "dense1")
+    x = hidden(make.dense(100, "dense2", activation="relu")(x), "dense2")
+    logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="lenet_300_100")
 
 
-def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None):
+def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None,
+                 bayesian_kwargs=None):
     """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, dense 500, dense classes."""
-    hidden = _Hidden(prunable, mask_kwargs)
+    hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
-    x = hidden(keras.layers.Conv2D(20, 5, activation="relu", name="conv1")(inputs), "conv1")
+    x = hidden(make.conv(20, 5, "conv1", activation="relu")(inputs), "conv1")
     x = keras.layers.MaxPooling2D(2, name="pool1")(x)
-    x = hidden(keras.layers.Conv2D(50, 5, activation="relu", name="conv2")(x), "conv2")
+    x = hidden(make.conv(50, 5, "conv2", activation="relu")(x), "conv2")
     x = keras.layers.MaxPooling2D(2, name="pool2")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = hidden(keras.layers.Dense(500, activation="relu", name="dense1")(x), "dense1")
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    x = hidden(make.dense(500, "dense1", activation="relu")(x), "dense1")
+    logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="lenet5_caffe")
 
 
 VGG16_CONV = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None):
+def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None,
+          bayesian_kwargs=None):
     """VGG-16 for CIFAR: 13 conv-BN-ReLU blocks, two dense-BN-ReLU 512 layers, the classifier."""
-    hidden = _Hidden(prunable, mask_kwargs)
+    hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
     x = keras.layers.Normalization(
         mean=CIFAR_MEAN, variance=[s * s for s in CIFAR_STD], name="standardize"
@@ -79,18 +106,16 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
             x = keras.layers.MaxPooling2D(2, name=f"pool{pool}")(x)
             continue
         conv += 1
-        x = keras.layers.Conv2D(
-            width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
-            name=f"conv{conv}",
-        )(x)
+        x = make.conv(width, 3, f"conv{conv}", padding="same", use_bias=False,
+                      kernel_initializer="he_normal")(x)
         x = keras.layers.BatchNormalization(name=f"bn{conv}")(x)
         x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
     x = keras.layers.Flatten(name="flatten")(x)
     for i in (1, 2):
-        x = keras.layers.Dense(512, use_bias=False, kernel_initializer="he_normal", name=f"dense{i}")(x)
+        x = make.dense(512, f"dense{i}", use_bias=False, kernel_initializer="he_normal")(x)
         x = keras.layers.BatchNormalization(name=f"dense{i}_bn")(x)
         x = hidden(keras.layers.ReLU(name=f"dense{i}_relu")(x), f"dense{i}")
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="vgg16")
 
 
@@ -116,11 +141,17 @@ def check_input_shape(name, input_shape):
         )
 
 
-def build_model(name, input_shape=None, num_classes=10, prunable=False, mask_kwargs=None):
-    """Build architecture `name` (see MODELS) for `input_shape` images and `num_classes`."""
+def build_model(name, input_shape=None, num_classes=10, prunable=False, mask_kwargs=None,
+                bayesian_kwargs=None):
+    """Build architecture `name` (see MODELS) for `input_shape` images and `num_classes`.
+
+    prunable: add a BetaBernoulliDropout after every hidden layer (mask_kwargs go to it).
+    bayesian_kwargs: if given (even {}), Gaussian weights with these settings (AT BNN).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}.")
     builder, default_shape = MODELS[name]
     input_shape = tuple(input_shape or default_shape)
     check_input_shape(name, input_shape)
-    return builder(input_shape, num_classes, prunable=prunable, mask_kwargs=mask_kwargs)
+    return builder(input_shape, num_classes, prunable=prunable, mask_kwargs=mask_kwargs,
+                   bayesian_kwargs=bayesian_kwargs)

@@ -1,5 +1,35 @@
-"""Training: the `RobustModel` step and the methods it runs."""
-from anp_vs_tf.trainers.methods import PRESETS, Method, Views, cross_entropy, get_method
+"""Training: the `RobustModel` step and the methods it runs.
+
+Importing this package registers every method (see `methods.register`).
+"""
+from anp_vs_tf.trainers.methods import (
+    REGISTRY,
+    Method,
+    Views,
+    cross_entropy,
+    get_method,
+    method_names,
+    method_switches,
+    register,
+)
 from anp_vs_tf.trainers.robust_model import RobustModel
 
-__all__ = ["PRESETS", "Method", "RobustModel", "Views", "cross_entropy", "get_method"]
+# Methods beyond the base class's switches register themselves when imported.
+from anp_vs_tf.trainers.admm import Admm
+from anp_vs_tf.trainers.adv_bnn import AdvBnn
+from anp_vs_tf.trainers.trades import Trades
+
+__all__ = [
+    "REGISTRY",
+    "Admm",
+    "AdvBnn",
+    "Method",
+    "RobustModel",
+    "Trades",
+    "Views",
+    "cross_entropy",
+    "get_method",
+    "method_names",
+    "method_switches",
+    "register",
+]

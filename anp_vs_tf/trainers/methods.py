@@ -9,27 +9,30 @@ Every method of the paper is the same step with different switches:
     at_vs       x       -     x     ... + lambda V(x, x~)
     anp         x       x     -     (CE(x) + w CE(x~)) / (1 + w) + beta KL/N
     anp_vs      x       x     x     ... + lambda V(x, x~)
+    pre_at      x       -     -     as at, started from a pretrained standard model
 
 and, for the methods with masks, a mask loss of CE(x~) (CE(x) for bp) + beta KL/N
 that only the Beta-Bernoulli parameters follow. Every loss also carries L2 weight
-decay on the kernels. A method that needs more (TRADES, ADMM, ...) subclasses
-`Method` and overrides `adversarial_examples` and/or `losses`.
+decay on the kernels. A method that needs more subclasses `Method`, overrides the
+hooks it needs (`adversarial_examples`, `losses`, `after_update`, `callbacks`,
+`inference_outputs`) and registers itself with `register` (see trades.py, admm.py,
+bayesian.py next to this file).
 """
+
+import inspect
 
 import keras
 import tensorflow as tf
 
 from anp_vs_tf.metrics.vulnerability import network_vulnerability
 
-# name -> the switches that make it that method.
-PRESETS = {
-    "standard": dict(adversarial=False, prunes=False, suppress_vulnerability=False),
-    "bp": dict(adversarial=False, prunes=True, suppress_vulnerability=False),
-    "at": dict(adversarial=True, prunes=False, suppress_vulnerability=False),
-    "at_vs": dict(adversarial=True, prunes=False, suppress_vulnerability=True),
-    "anp": dict(adversarial=True, prunes=True, suppress_vulnerability=False),
-    "anp_vs": dict(adversarial=True, prunes=True, suppress_vulnerability=True),
-}
+# name -> (class, the switches that make it that method); see `register`.
+REGISTRY = {}
+
+
+def register(name, cls=None, **switches):
+    """Make `get_method(name)` build `cls` (default Method) with these switches."""
+    REGISTRY[name] = (cls or Method, switches)
 
 
 def cross_entropy(labels, logits):
@@ -65,7 +68,14 @@ class Method:
         lambda_vs: lambda, the weight of the vulnerability suppression loss.
         weight_decay: coefficient of sum(w^2)/2 over the kernels.
         num_train_examples: N, the training-set size that scales the KL (needed to prune).
+        bayesian: the backbone's weights are Gaussian (`layers.GaussianDense`, ...).
+        needs_pretrained: the method starts from a trained standard model (pre_at).
     """
+
+    # The loss terms a step may report; RobustModel keeps a running mean of each.
+    terms = ("loss", "mask_loss", "ce", "ce_adv", "kl", "vulnerability")
+    # Whether the method zeroes single weights (reported as weight sparsity).
+    prunes_weights = False
 
     def __init__(
         self,
@@ -78,6 +88,8 @@ class Method:
         lambda_vs=0.0,
         weight_decay=1e-4,
         num_train_examples=None,
+        bayesian=False,
+        needs_pretrained=False,
     ):
         for field, value in (("adv_weight", adv_weight), ("beta_kl", beta_kl),
                              ("lambda_vs", lambda_vs), ("weight_decay", weight_decay)):
@@ -97,9 +109,27 @@ class Method:
         self.lambda_vs = float(lambda_vs)
         self.weight_decay = float(weight_decay)
         self.num_train_examples = num_train_examples
+        self.bayesian = bool(bayesian)
+        self.needs_pretrained = bool(needs_pretrained)
 
     def __repr__(self):
-        return f"Method({self.name!r})"
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- hooks a subclass may override ---------------------------------------------------
+
+    def build(self, model):
+        """Create any state the method keeps (variables), under the model's strategy scope."""
+
+    def callbacks(self, model):
+        """Keras callbacks the method needs during `fit` (RobustModel.fit adds them)."""
+        return []
+
+    def after_update(self, model):
+        """Runs in the compiled step after both optimizers have applied their updates."""
+
+    def inference_outputs(self, model, x):
+        """(logits, latents) the method predicts with; white-box attacks differentiate the logits."""
+        return model.logits_and_latents(x, training=False)
 
     def adversarial_examples(self, model, x, y, seed=None):
         """x~ for this batch, or None for a method that trains on clean data only."""
@@ -114,13 +144,7 @@ class Method:
         Beta-Bernoulli parameters minimize; absent unless the method prunes) and the
         components "ce", "ce_adv", "kl", "vulnerability" when they apply.
         """
-        terms = {"ce": cross_entropy(y, views.logits)}
-        if views.logits_adv is not None:
-            terms["ce_adv"] = cross_entropy(y, views.logits_adv)
-            w = self.adv_weight
-            classification = (terms["ce"] + w * terms["ce_adv"]) / (1.0 + w)
-        else:
-            classification = terms["ce"]
+        terms, classification = self.classification_loss(views, y)
         regularizer = self.weight_decay * model.kernel_l2()
         if self.prunes:
             terms["kl"] = model.kl_divergence()
@@ -137,6 +161,15 @@ class Method:
             terms["mask_loss"] = mask_ce + regularizer
         return terms
 
+    def classification_loss(self, views, y):
+        """(terms, loss): CE(x), or (CE(x) + w CE(x~)) / (1 + w) with an adversarial view."""
+        terms = {"ce": cross_entropy(y, views.logits)}
+        if views.logits_adv is None:
+            return terms, terms["ce"]
+        terms["ce_adv"] = cross_entropy(y, views.logits_adv)
+        w = self.adv_weight
+        return terms, (terms["ce"] + w * terms["ce_adv"]) / (1.0 + w)
+
     def get_config(self):
         return dict(
             name=self.name,
@@ -148,6 +181,8 @@ class Method:
             lambda_vs=self.lambda_vs,
             weight_decay=self.weight_decay,
             num_train_examples=self.num_train_examples,
+            bayesian=self.bayesian,
+            needs_pretrained=self.needs_pretrained,
         )
 
     @classmethod
@@ -155,10 +190,39 @@ class Method:
         return cls(**config)
 
 
+register("standard")
+register("bp", prunes=True)
+register("at", adversarial=True)
+register("at_vs", adversarial=True, suppress_vulnerability=True)
+register("anp", adversarial=True, prunes=True)
+register("anp_vs", adversarial=True, prunes=True, suppress_vulnerability=True)
+register("pre_at", adversarial=True, needs_pretrained=True)
+
+
+def method_names():
+    """Every registered method name, in registration order."""
+    return list(REGISTRY)
+
+
+def method_switches(name):
+    """The switches of a registered method (adversarial, prunes, bayesian, ...)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}.")
+    cls, switches = REGISTRY[name]
+    defaults = {k: p.default for k, p in inspect.signature(Method).parameters.items()}
+    return {**defaults, **switches}
+
+
 def get_method(name, **hyperparameters):
-    """The method called `name` (see PRESETS) with the given loss hyperparameters."""
+    """The method called `name` with the given hyperparameters.
+
+    Hyperparameters a method does not take are ignored, so one set of settings (the
+    CLI's) serves every method.
+    """
     if isinstance(name, Method):
         return name
-    if name not in PRESETS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}.")
-    return Method(name=name, **PRESETS[name], **hyperparameters)
+    method_switches(name)  # unknown names fail here, with the list of choices
+    cls, switches = REGISTRY[name]
+    accepted = set(inspect.signature(cls).parameters) | set(inspect.signature(Method).parameters)
+    options = {k: v for k, v in hyperparameters.items() if k in accepted}
+    return cls(name=name, **switches, **options)

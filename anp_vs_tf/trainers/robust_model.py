@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
-from anp_vs_tf.layers import beta_bernoulli_layers, mask_sampling
+from anp_vs_tf.layers import beta_bernoulli_layers, gaussian_layers, mask_sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
 from anp_vs_tf.trainers.methods import Views, get_method
@@ -76,10 +76,12 @@ class RobustModel(keras.Model):
         # The running means a step reports, by name; evaluate() reads them afterwards.
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in ("loss", "mask_loss", "ce", "ce_adv", "acc", "acc_adv", "kl", "vulnerability")
+            for name in dict.fromkeys(self.method.terms + ("loss", "acc", "acc_adv"))
         }
         self.feature_vulnerability = FeatureVulnerability(self._latent_units())
         self.mask_optimizer = None
+        # Variables a method keeps (ADMM's duals and masks), saved with the model.
+        self.method_state = self.method.build(self) or {}
         # The backbone is a functional model and comes built; being built from the start
         # lets a loaded model create its optimizers' slots and restore them.
         self.built = True
@@ -98,6 +100,14 @@ class RobustModel(keras.Model):
             raise ValueError(
                 f"method {method.name!r} does not train masks but the backbone has "
                 "BetaBernoulliDropout layers; build it with prunable=False."
+            )
+        has_gaussian = bool(gaussian_layers(self.backbone))
+        if method.bayesian != has_gaussian:
+            raise ValueError(
+                f"method {method.name!r} needs a backbone "
+                + ("with" if method.bayesian else "without")
+                + " Gaussian weights; build it with bayesian_kwargs="
+                + ("{...}." if method.bayesian else "None.")
             )
         if method.suppress_vulnerability and not self._latent_units():
             raise ValueError(
@@ -121,9 +131,11 @@ class RobustModel(keras.Model):
     def logits_and_latents(self, inputs, training=False):
         return split_outputs(self.backbone(inputs, training=training))
 
-    def deterministic_logits(self, inputs):
-        """Logits of the inference network (expected masks, moving BN statistics)."""
-        return self.logits_and_latents(inputs, training=False)[0]
+    def inference_logits(self, inputs):
+        """Logits of the network as deployed (expected masks, moving BN statistics; the
+        average over weight samples for a Bayesian method): what predictions, accuracy and
+        white-box attacks use."""
+        return self.method.inference_outputs(self, inputs)[0]
 
     def stochastic_logits(self, inputs):
         """Logits with freshly sampled masks, everything else as at inference."""
@@ -149,10 +161,21 @@ class RobustModel(keras.Model):
         kls = [layer.kl_divergence() for layer in self.mask_layers]
         return tf.add_n(kls) if kls else tf.constant(0.0)
 
+    @property
+    def kernel_variables(self):
+        """The conv and dense kernels: what weight decay and weight pruning act on."""
+        return [v for v in self.weight_variables if v.path.endswith("kernel")]
+
     def kernel_l2(self):
         """sum(w^2)/2 over the kernels: what weight decay penalizes."""
-        kernels = [v for v in self.weight_variables if v.path.endswith("kernel")]
+        kernels = self.kernel_variables
         return tf.add_n([tf.nn.l2_loss(tf.cast(k, tf.float32)) for k in kernels]) if kernels else 0.0
+
+    def weight_sparsity(self):
+        """Percent of kernel weights that are exactly zero (unstructured pruning, e.g. ADMM)."""
+        kernels = self.kernel_variables
+        zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(k, 0.0), tf.float32)) for k in kernels])
+        return 100.0 * zeros / float(sum(int(tf.size(k)) for k in kernels))
 
     def sparsity(self):
         """Percent of prunable units switched off (0 without masks)."""
@@ -188,7 +211,7 @@ class RobustModel(keras.Model):
         if seed is None:
             seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
         stochastic = getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers
-        return adversary(self.stochastic_logits if stochastic else self.deterministic_logits, x, y, seed)
+        return adversary(self.stochastic_logits if stochastic else self.inference_logits, x, y, seed)
 
     def forward_views(self, x, x_adv=None, seed=None):
         """Training-mode forward of x and x~ sharing one mask sample per example.
@@ -211,6 +234,11 @@ class RobustModel(keras.Model):
         return Views(clean[0], clean[1], adv[0], adv[1])
 
     # -- compile, train and test steps -----------------------------------------------
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, plus the callbacks the method itself needs (ADMM's schedule)."""
+        callbacks = list(callbacks or []) + list(self.method.callbacks(self))
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def compile(self, optimizer="adam", mask_optimizer=None, **kwargs):
         """Like `keras.Model.compile`, plus `mask_optimizer` for the Beta-Bernoulli masks.
@@ -264,8 +292,9 @@ class RobustModel(keras.Model):
         if mask_objective is not None:
             self.mask_optimizer.apply(tape.gradient(mask_objective, masks), masks)
         del tape
+        self.method.after_update(self)
 
-        names = [n for n in ("loss", "mask_loss", "ce", "ce_adv", "kl", "vulnerability") if n in terms]
+        names = [n for n in self.method.terms if n in terms]
         for name in names:
             self.trackers[name].update_state(terms[name])
         names.append("acc")
@@ -280,7 +309,7 @@ class RobustModel(keras.Model):
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logits, latents = self.logits_and_latents(x, training=False)
+        logits, latents = self.method.inference_outputs(self, x)
         self.trackers["loss"].update_state(
             tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.cast(y, tf.int32), logits=tf.cast(logits, tf.float32)
@@ -290,7 +319,7 @@ class RobustModel(keras.Model):
         names = ["loss", "acc"]
         if self.eval_adversary is not None:
             x_adv = self.attack(x, y, self.eval_adversary)
-            logits_adv, latents_adv = self.logits_and_latents(x_adv, training=False)
+            logits_adv, latents_adv = self.method.inference_outputs(self, x_adv)
             self.trackers["acc_adv"].update_state(_correct(y, logits_adv))
             names.append("acc_adv")
             if latents:
