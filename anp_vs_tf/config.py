@@ -9,21 +9,26 @@ import dataclasses
 import os
 from typing import Optional, Tuple
 
-from anp_vs_tf.trainers.methods import PRESETS as METHOD_PRESETS
+from anp_vs_tf.trainers import method_names, method_switches
 
 # The authors' settings (reference/paper-results.md). step_size is the PGD step in
 # training and, unless eval_step_size says otherwise, in evaluation too.
 DATASET_PRESETS = {
     "mnist": dict(model="lenet5_caffe", eps=0.3, step_size=0.01, pgd_steps=20, beta_kl=4.0,
-                  lambda_vs=1e-3, lr_decay_at=(0.5, 0.7)),
+                  lambda_vs=1e-3, lr_decay_at=(0.5, 0.7), weight_sparsity=0.8,
+                  bnn_prior_stddev=1.0, bnn_init_rho=-3.0),
     "fashion_mnist": dict(model="lenet5_caffe", eps=0.1, step_size=0.01, pgd_steps=20, beta_kl=4.0,
-                          lambda_vs=1e-3, lr_decay_at=(0.5, 0.7)),
+                          lambda_vs=1e-3, lr_decay_at=(0.5, 0.7), weight_sparsity=0.8,
+                          bnn_prior_stddev=1.0, bnn_init_rho=-3.0),
     "cifar10": dict(model="vgg16", eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=2.0,
-                    lambda_vs=1e-4, lr_decay_at=(0.5, 0.8)),
+                    lambda_vs=1e-4, lr_decay_at=(0.5, 0.8), weight_sparsity=0.75,
+                   bnn_prior_stddev=0.1, bnn_init_rho=-5.0),
     "cifar100": dict(model="vgg16", eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=1.0,
-                     lambda_vs=0.1, lr_decay_at=(0.5, 0.8)),
+                     lambda_vs=0.1, lr_decay_at=(0.5, 0.8), weight_sparsity=0.75,
+                     bnn_prior_stddev=0.1, bnn_init_rho=-5.0),
     "folder": dict(model=None, eps=0.03, step_size=0.007, pgd_steps=10, beta_kl=2.0,
-                   lambda_vs=1e-4, lr_decay_at=(0.5, 0.8)),
+                   lambda_vs=1e-4, lr_decay_at=(0.5, 0.8), weight_sparsity=0.75,
+                    bnn_prior_stddev=0.1, bnn_init_rho=-5.0),
 }
 
 MODES = ("train", "eval")
@@ -63,6 +68,14 @@ class RunConfig:
     lr_decay_at: Optional[Tuple[float, ...]] = None
     mask_a_init: float = 0.31326169
     mask_b_init: float = 1.0
+    beta_trades: float = 6.0
+    weight_sparsity: Optional[float] = None
+    admm_rho: float = 1e-2
+    admm_fraction: float = 0.5
+    bnn_kl_weight: float = 100.0
+    bnn_samples: int = 10
+    bnn_prior_stddev: Optional[float] = None
+    bnn_init_rho: Optional[float] = None
     seed: int = 0
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -100,8 +113,8 @@ class RunConfig:
                 raise ConfigError(message)
 
         need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}.")
-        need(self.method in METHOD_PRESETS,
-             f"unknown method {self.method!r}; choose one of {', '.join(METHOD_PRESETS)}.")
+        need(self.method in method_names(),
+             f"unknown method {self.method!r}; choose one of {', '.join(method_names())}.")
         need(self.model is not None or self.mode == "eval",
              f"dataset {self.dataset!r} has no default model; pass --model.")
         need(self.eps >= 0, f"eps must be >= 0, got {self.eps}.")
@@ -115,6 +128,11 @@ class RunConfig:
         need(all(0 < f < 1 for f in self.lr_decay_at),
              f"lr_decay_at holds fractions of training in (0, 1), got {list(self.lr_decay_at)}.")
         need(self.mask_a_init > 0 and self.mask_b_init > 0, "mask_a_init and mask_b_init must be > 0.")
+        need(self.beta_trades >= 0 and self.admm_rho >= 0, "beta_trades and admm_rho must be >= 0.")
+        need(0 <= self.weight_sparsity < 1, f"weight_sparsity is a fraction in [0, 1), got {self.weight_sparsity}.")
+        need(0 <= self.admm_fraction <= 1, f"admm_fraction is a fraction in [0, 1], got {self.admm_fraction}.")
+        need(self.bnn_kl_weight > 0 and self.bnn_prior_stddev > 0 and self.bnn_samples >= 1,
+             "bnn_kl_weight and bnn_prior_stddev must be > 0, bnn_samples >= 1.")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive, got {value}.")
@@ -133,11 +151,7 @@ class RunConfig:
                  "(--method=standard) or use --pretrain_epochs.")
         need(not (self.init_from and self.pretrain_epochs),
              "use either --init_from or --pretrain_epochs, not both.")
-
-    @property
-    def prunes(self):
-        return METHOD_PRESETS[self.method]["prunes"]
-
-    @property
-    def adversarial(self):
-        return METHOD_PRESETS[self.method]["adversarial"]
+        need(self.mode == "eval" or not method_switches(self.method)["needs_pretrained"]
+             or self.init_from or self.pretrain_epochs,
+             f"method {self.method} starts from a pretrained standard model: pass --init_from "
+             "or --pretrain_epochs.")

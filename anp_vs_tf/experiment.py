@@ -118,6 +118,12 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         lambda_vs=config.lambda_vs,
         weight_decay=config.weight_decay,
         num_train_examples=info.num_train,
+        beta_trades=config.beta_trades,
+        weight_sparsity=config.weight_sparsity,
+        admm_rho=config.admm_rho,
+        admm_fraction=config.admm_fraction,
+        bnn_kl_weight=config.bnn_kl_weight,
+        bnn_samples=config.bnn_samples,
     )
     backbone = build_model(
         config.model,
@@ -125,6 +131,10 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         info.num_classes,
         prunable=method.prunes,
         mask_kwargs=dict(a_init=config.mask_a_init, b_init=config.mask_b_init, seed=config.seed),
+        bayesian_kwargs=(
+            dict(prior_stddev=config.bnn_prior_stddev, init_rho=config.bnn_init_rho, seed=config.seed)
+            if method.bayesian else None
+        ),
     )
     if init_from is not None:
         try:

@@ -14,12 +14,12 @@ from absl import app, flags
 from anp_vs_tf import experiment
 from anp_vs_tf.config import DATASET_PRESETS, MODES, ConfigError, RunConfig
 from anp_vs_tf.data import DataError
-from anp_vs_tf.trainers.methods import PRESETS as METHODS
+from anp_vs_tf.trainers import method_names
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("mode", "train", MODES, "train a model, or eval a saved one (--model_path).")
-flags.DEFINE_enum("method", "anp_vs", list(METHODS), "training method.")
+flags.DEFINE_enum("method", "anp_vs", method_names(), "training method.")
 flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16 (default: per dataset).")
 flags.DEFINE_enum("dataset", "mnist", list(DATASET_PRESETS), "data set ('folder': your own tree at --data_dir).")
 flags.DEFINE_string("data_dir", None, "folder with the data (IDX files or train/ and test/ image folders); "
@@ -47,6 +47,16 @@ flags.DEFINE_list("lr_decay_at", None, "fractions of training where both learnin
                   "(default: 0.5,0.7 for MNIST, 0.5,0.8 for CIFAR).")
 flags.DEFINE_float("mask_a_init", 0.31326169, "initial Kumaraswamy a of every mask (E[pi] = a/(a+1) for b=1).")
 flags.DEFINE_float("mask_b_init", 1.0, "initial Kumaraswamy b of every mask.")
+flags.DEFINE_float("beta_trades", 6.0, "TRADES: weight of KL(f(x) || f(x_adv)).")
+flags.DEFINE_float("weight_sparsity", None, "ADMM: fraction of each kernel's weights to prune "
+                   "(default: 0.8 for MNIST, 0.75 for CIFAR).")
+flags.DEFINE_float("admm_rho", 1e-2, "ADMM: weight rho of the augmented-Lagrangian penalty.")
+flags.DEFINE_float("admm_fraction", 0.5, "ADMM: fraction of the epochs in the ADMM phase; the rest "
+                   "retrains the hard-pruned network.")
+flags.DEFINE_float("bnn_kl_weight", 100.0, "AT BNN: the weights' KL enters the loss as KL / (N * this).")
+flags.DEFINE_integer("bnn_samples", 10, "AT BNN: weight draws averaged by predictions and attacks.")
+flags.DEFINE_float("bnn_prior_stddev", None, "AT BNN: prior std of every weight (default: 1 MNIST, 0.1 CIFAR).")
+flags.DEFINE_float("bnn_init_rho", None, "AT BNN: initial rho, sigma = softplus(rho) (default: -3 MNIST, -5 CIFAR).")
 flags.DEFINE_integer("seed", 0, "random seed (weights, data order, masks, attacks).")
 flags.DEFINE_integer("train_subset", None, "use a class-balanced subset of this many training examples.")
 flags.DEFINE_integer("test_subset", None, "use a class-balanced subset of this many test examples.")

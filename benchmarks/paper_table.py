@@ -1,0 +1,154 @@
+"""The paper's comparison table, every method trained and measured by this package in a budget.
+
+    ANP_VS_DATA_DIR=../shared/data python benchmarks/paper_table.py --dataset mnist --budget_minutes 120
+
+1. Calibrate: time a few training steps of every method, and one PGD-40 batch.
+2. Plan: the number of epochs E, the same for every method, that fits the budget once
+   the evaluations are paid for.
+3. Train the black-box source (standard, another seed) and the standard base, then every
+   other method for E epochs; bp, anp, anp_vs, admm and pre_at start from the base.
+4. Evaluate each with the same code: PGD-40 white box, transfer from the source, FGSM,
+   vulnerability, gradient-masking checks, memory, FLOPs, sparsity (metrics.json).
+5. Write the table with anp_vs_tf.report: table.md, table.csv and the first-layer
+   feature-vulnerability figure, under --out_dir.
+
+Every method shares the paper's settings (eps, w_adv 2, Adam lr 1e-3 and mask lr 1e-2,
+weight decay) except what the budget forces, as in configs/quickstart.cfg: the training
+attack is PGD-3 with step 0.15 (evaluation stays PGD-40, step 0.01), the learning rates
+drop x0.1 at 60% and 85% of the E epochs, and the masks start at a = 2 with beta = 15.
+A method whose run directory already holds metrics.json is not run again, so an
+interrupted benchmark resumes where it stopped.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+
+from anp_vs_tf import attacks, data, experiment, report
+from anp_vs_tf.config import RunConfig
+from anp_vs_tf.metrics import attack_evaluation
+
+METHODS = ("standard", "bp", "at", "at_vs", "anp", "anp_vs", "pre_at", "trades", "admm", "at_bnn")
+FROM_BASE = ("bp", "anp", "anp_vs", "pre_at", "admm")
+# Evaluation cost in PGD-40 passes over the test set: white box, black box (the attack
+# runs on the source), the gradient-masking checks on 500 examples, FGSM.
+EVAL_PASSES = 1.0 + 1.0 + 0.35 + 0.05
+SAFETY = 1.15  # tracing, callbacks, saving and plots
+
+
+def settings(dataset, out_dir, epochs, train_subset, test_subset):
+    """The RunConfig every method starts from."""
+    return RunConfig(
+        dataset=dataset, epochs=epochs, batch_size=128, pgd_steps=3, step_size=0.15,
+        lr_decay_at=(0.6, 0.85), mask_a_init=2.0, beta_kl=15.0, eval_batch_size=2000,
+        sanity_examples=500, train_subset=train_subset, test_subset=test_subset,
+        out_dir=out_dir, verbose=2,
+    )
+
+
+def calibrate(base, splits, steps=20):
+    """Seconds per training epoch of every method, and per PGD-40 evaluation pass."""
+    per_epoch = {}
+    batches = math.ceil(splits.info.num_train / base.batch_size)
+    for name in METHODS:
+        model = experiment.build(dataclasses.replace(base, method=name), splits.info, epochs=1)
+        train = splits.train.repeat()
+        model.fit(train, steps_per_epoch=3, epochs=1, verbose=0)  # trace
+        start = time.perf_counter()
+        model.fit(train, steps_per_epoch=steps, epochs=1, verbose=0)
+        per_epoch[name] = (time.perf_counter() - start) / steps * batches
+        if name == "at":
+            probe = splits.test.take(1)
+            pgd40 = attacks.PGD(base.eps, base.eval_step_size, 40)
+            attack_evaluation(model, probe, pgd40)  # trace
+            start = time.perf_counter()
+            attack_evaluation(model, probe, pgd40)
+            per_batch = time.perf_counter() - start
+            pgd40_pass = per_batch * math.ceil(splits.info.num_test / base.eval_batch_size)
+        print(f"calibration: {name:9s} {per_epoch[name]:7.1f} s per epoch", flush=True)
+    return per_epoch, pgd40_pass
+
+
+def plan_epochs(budget_s, per_epoch, pgd40_pass, bnn_samples):
+    """The largest E with sum of (E epochs + evaluation) over all models within budget."""
+    evaluations = (len(METHODS) + bnn_samples - 1) * EVAL_PASSES * pgd40_pass
+    one_epoch_of_everything = sum(per_epoch.values()) + per_epoch["standard"]  # + the source
+    epochs = int((budget_s / SAFETY - evaluations) // one_epoch_of_everything)
+    if epochs < 1:
+        raise SystemExit(
+            f"paper_table: a budget of {budget_s / 60:.0f} min does not fit one epoch of every method "
+            f"plus the evaluations ({(evaluations + one_epoch_of_everything) * SAFETY / 60:.0f} min); "
+            "raise --budget_minutes or use --train_subset."
+        )
+    return epochs
+
+
+def run_method(base, name, out_dir, base_model, source_model):
+    config = dataclasses.replace(
+        base, method=name, out_dir=os.path.join(out_dir, name),
+        init_from=base_model if name in FROM_BASE else None,
+        bb_source=source_model,
+    )
+    if os.path.exists(os.path.join(config.out_dir, "metrics.json")):
+        print(f"{name}: already measured, skipped", flush=True)
+        return
+    keras.utils.clear_session()
+    experiment.run(config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10", "cifar100"])
+    parser.add_argument("--budget_minutes", type=float, default=120.0)
+    parser.add_argument("--out_dir", default="runs/paper_table")
+    parser.add_argument("--epochs", type=int, help="skip the planning and train this many epochs")
+    parser.add_argument("--train_subset", type=int)
+    parser.add_argument("--test_subset", type=int)
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    base = settings(args.dataset, args.out_dir, 1, args.train_subset, args.test_subset).resolved()
+    splits = data.load(args.dataset, batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
+                       train_subset=args.train_subset, test_subset=args.test_subset, seed=base.seed)
+    plan_path = os.path.join(args.out_dir, "plan.json")
+    if args.epochs:
+        epochs = args.epochs
+    elif os.path.exists(plan_path):  # resuming: keep the plan of the first start
+        with open(plan_path) as f:
+            epochs = json.load(f)["epochs"]
+    else:
+        per_epoch, pgd40_pass = calibrate(base, splits)
+        budget_left = args.budget_minutes * 60 - (time.time() - start)
+        epochs = plan_epochs(budget_left, per_epoch, pgd40_pass, base.bnn_samples)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(plan_path, "w") as f:
+            json.dump({"epochs": epochs, "seconds_per_epoch": per_epoch, "pgd40_pass_s": pgd40_pass,
+                       "budget_minutes": args.budget_minutes}, f, indent=2)
+    print(f"plan: {epochs} epochs for every method", flush=True)
+    base = dataclasses.replace(base, epochs=epochs)
+
+    source = dataclasses.replace(base, method="standard", seed=1, out_dir=os.path.join(args.out_dir, "source"),
+                                 sanity_examples=0, fgsm=False, plots=False)
+    if not os.path.exists(os.path.join(source.out_dir, "metrics.json")):
+        experiment.run(source)
+    source_model = os.path.join(source.out_dir, "model.keras")
+    base_model = os.path.join(args.out_dir, "standard", "model.keras")
+    for name in METHODS:  # standard first: it is the base the pruning methods start from
+        run_method(base, name, args.out_dir, base_model, source_model)
+
+    runs = [os.path.join(args.out_dir, name) for name in METHODS]
+    status = report.main(runs + ["--markdown", os.path.join(args.out_dir, "table.md"),
+                                 "--csv", os.path.join(args.out_dir, "table.csv"),
+                                 "--plots", os.path.join(args.out_dir, "plots")])
+    print(f"paper_table: {epochs} epochs per method, {(time.time() - start) / 60:.1f} min in all", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
