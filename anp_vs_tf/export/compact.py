@@ -1,0 +1,172 @@
+"""`compact(model)`: the pruned network as it really is, a plain Keras model without masks.
+
+A Beta-Bernoulli model still carries every channel and multiplies each by its mask
+value at inference. `compact` rebuilds the graph from standard layers with only the
+*effective* units (alive and reaching the logits, as `metrics.complexity` decides them),
+so its params and FLOPs are `complexity(model).params_kept` / `flops_kept`.
+
+The folding rule. At inference a mask layer multiplies unit c by m_c = E_q[pi_c] >= 0
+(exactly 0 when pruned). m_c is carried forward as a pending per-unit scale and folded
+into the *consumer*, the next Conv2D / Dense, whose input weights for c are multiplied
+by m_c. On the way there the scale may only pass layers that commute with a
+non-negative per-channel scale: ReLU (max_value None, threshold 0), max / average /
+global pooling, Flatten (the scale repeats at every position of its channel), Dropout
+and another mask. Anything else between a mask and its consumer (BatchNormalization,
+Normalization, a non-ReLU activation, the model output) raises ValueError. This is
+exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv`, VGG
+`Conv -> BN -> ReLU -> mask -> [pool] -> Conv`, dense `Dense -> [BN] -> ReLU -> mask -> Dense`.
+
+Pruned units are dropped at both ends: the producer keeps kernel[..., kept], bias[kept]
+and each BatchNormalization keeps gamma, beta and moving statistics [kept]; the
+consumer keeps kernel[..., kept_in, :] (after Flatten: every position of a kept
+channel). Dropout and mask layers disappear; the compact model outputs the logits only.
+"""
+
+import keras
+import numpy as np
+
+from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
+from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
+
+L = keras.layers
+
+_POOLING = (L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.GlobalMaxPooling2D)
+# Channelwise layers copied as they are (config only, no weights to slice).
+_COPIED = _POOLING + (L.ReLU, L.Activation)
+
+
+def compact(model):
+    """A plain Keras model (logits output) equal to `model`'s inference logits, pruned units removed.
+
+    `model` is a `RobustModel` or a backbone (functional model, optionally with a
+    {"logits", "latents"} output). A model without mask layers comes back with the same
+    widths. Raises ValueError with one line for a graph the folding rule cannot handle.
+    """
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, keras.Model) or not getattr(backbone, "outputs", None):
+        raise ValueError(f"compact() needs a functional Keras model or a RobustModel, got {type(model).__name__}.")
+    graph = _graph(backbone)  # raises ValueError for nested models, shared or unknown layers
+    if len(backbone.inputs) != 1:
+        raise ValueError(f"{backbone.name} has {len(backbone.inputs)} inputs; compact() needs one image input.")
+    if len(graph.needed_outputs) != 1:
+        raise ValueError(
+            f"{backbone.name} has {len(graph.needed_outputs)} outputs and no 'logits' entry; "
+            "compact() needs a single logits output."
+        )
+    builder = _Builder(_effective_units(graph, graph.masks))
+    logits, scale = builder.build(graph.needed_outputs[0])
+    if scale is not None:
+        raise ValueError(f"{backbone.name}: a mask acts on the output itself; there is no layer to fold it into.")
+    image = builder.built[id(backbone.inputs[0])][0]
+    return keras.Model(image, logits, name=f"{backbone.name}_compact")
+
+
+def has_masks(model):
+    """Whether `model` (a RobustModel or a backbone) has Beta-Bernoulli mask layers."""
+    return bool(beta_bernoulli_layers(getattr(model, "backbone", model)))
+
+
+class _Builder:
+    """Rebuilds the graph tensor by tensor: old tensor -> (new tensor, pending scale or None)."""
+
+    def __init__(self, kept):
+        self.kept = kept  # id(old tensor) -> bool array over its last axis
+        self.built = {}
+
+    def build(self, tensor):
+        key = id(tensor)
+        if key not in self.built:
+            node = _producer(tensor)
+            inputs = [self.build(t) for t in node.input_tensors]
+            self.built[key] = self._layer(node, inputs)
+        return self.built[key]
+
+    def _layer(self, node, inputs):
+        layer = node.operation
+        kept_out = self.kept[id(node.output_tensors[0])]
+        if not kept_out.any():
+            raise ValueError(
+                f"every unit of {layer.name} is pruned, so the logits no longer depend on the "
+                "input; there is no network to export."
+            )
+        if isinstance(layer, L.InputLayer):
+            if not kept_out.all():
+                raise ValueError(f"{layer.name}: some input channels are unused; compact() keeps the full input.")
+            out = node.output_tensors[0]
+            return keras.Input(shape=tuple(out.shape[1:]), dtype=out.dtype, name=layer.name), None
+        x, scale = inputs[0]
+        kept_in = self.kept[id(node.input_tensors[0])]
+        if type(layer) in (L.Conv2D, L.Dense):
+            return self._linear(layer, x, scale, kept_in, kept_out), None
+        if isinstance(layer, BetaBernoulliDropout):
+            mask = keras.ops.convert_to_numpy(layer.inference_mask()).astype(np.float64)
+            return x, mask if scale is None else scale * mask
+        if isinstance(layer, L.Dropout):
+            return x, scale
+        if isinstance(layer, L.Flatten):
+            positions = len(kept_out) // len(kept_in)
+            return _copy(layer)(x), None if scale is None else np.tile(scale, positions)
+        if not np.array_equal(kept_in, kept_out):
+            raise ValueError(f"{layer.name} ({type(layer).__name__}) changes which units are kept; not supported.")
+        if type(layer) is L.BatchNormalization:
+            _no_pending(layer, scale)
+            new = _copy(layer)
+            y = new(x)
+            new.set_weights([w[kept_out] for w in layer.get_weights()])
+            return y, None
+        if type(layer) in (L.Normalization, L.Rescaling):
+            _no_pending(layer, scale)
+            if not kept_out.all():
+                raise ValueError(f"{layer.name}: {type(layer).__name__} on pruned channels is not supported.")
+            new = _copy(layer)
+            y = new(x)
+            new.set_weights(layer.get_weights())
+            return y, None
+        if type(layer) in _COPIED:
+            if scale is not None and not _commutes_with_scale(layer):
+                _no_pending(layer, scale)
+            return _copy(layer)(x), scale
+        raise ValueError(
+            f"{layer.name} ({type(layer).__name__}) is not supported by compact(); supported: "
+            "InputLayer, Normalization, Rescaling, Conv2D, Dense, BatchNormalization, ReLU, "
+            "Activation, pooling, Flatten, Dropout, BetaBernoulliDropout."
+        )
+
+    @staticmethod
+    def _linear(layer, x, scale, kept_in, kept_out):
+        """Conv2D / Dense with the pending scale folded into its input weights, then both sliced."""
+        kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
+        if scale is not None:
+            kernel = kernel * scale[:, None]  # the input axis is the second to last
+        kernel = kernel[..., np.flatnonzero(kept_in), :][..., np.flatnonzero(kept_out)]
+        weights = [kernel.astype(np.float32)]
+        if layer.use_bias:
+            weights.append(keras.ops.convert_to_numpy(layer.bias)[kept_out])
+        config = layer.get_config()
+        config["filters" if isinstance(layer, L.Conv2D) else "units"] = int(kept_out.sum())
+        new = type(layer).from_config(config)
+        y = new(x)
+        new.set_weights(weights)
+        return y
+
+
+def _copy(layer):
+    return type(layer).from_config(layer.get_config())
+
+
+def _commutes_with_scale(layer):
+    """f(m x) = m f(x) for m >= 0: positively homogeneous, channelwise."""
+    if isinstance(layer, _POOLING):
+        return True
+    if isinstance(layer, L.ReLU):
+        return layer.max_value is None and float(layer.threshold) == 0.0
+    return layer.activation in (keras.activations.relu, keras.activations.linear)
+
+
+def _no_pending(layer, scale):
+    if scale is not None:
+        raise ValueError(
+            f"{layer.name} ({type(layer).__name__}) sits between a mask and the next Conv2D/Dense, "
+            "so the mask cannot be folded into weights; compact() supports only ReLU, pooling, "
+            "Flatten and Dropout there."
+        )
