@@ -31,7 +31,7 @@ DATASET_PRESETS = {
                     bnn_prior_stddev=0.1, bnn_init_rho=-5.0),
 }
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "export")
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,8 @@ class RunConfig:
     data_dir: Optional[str] = None
     out_dir: str = "runs/default"
     model_path: Optional[str] = None
+    export_dir: Optional[str] = None
+    version: int = 1
     init_from: Optional[str] = None
     pretrain_epochs: int = 0
     epochs: int = 1
@@ -115,7 +117,7 @@ class RunConfig:
         need(self.mode in MODES, f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}.")
         need(self.method in method_names(),
              f"unknown method {self.method!r}; choose one of {', '.join(method_names())}.")
-        need(self.model is not None or self.mode == "eval",
+        need(self.model is not None or self.mode != "train",
              f"dataset {self.dataset!r} has no default model; pass --model.")
         need(self.eps >= 0, f"eps must be >= 0, got {self.eps}.")
         need(self.step_size > 0 and self.eval_step_size > 0, "step sizes must be > 0.")
@@ -136,9 +138,12 @@ class RunConfig:
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive, got {value}.")
-        if self.mode == "eval":
-            need(self.model_path is not None, "--mode=eval needs --model_path=PATH.keras.")
+        if self.mode in ("eval", "export"):
+            need(self.model_path is not None, f"--mode={self.mode} needs --model_path=PATH.keras.")
             need(os.path.exists(self.model_path), f"--model_path {self.model_path} does not exist.")
+        if self.mode == "export":
+            need(self.export_dir is not None, "--mode=export needs --export_dir=DIR (the model's folder for TF Serving).")
+            need(self.version >= 1, f"--version must be a positive integer, got {self.version}.")
         need(self.eot_samples >= 0 and self.sanity_examples >= 0,
              "eot_samples and sanity_examples must be >= 0.")
         if self.bb_source is not None:

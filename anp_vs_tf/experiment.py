@@ -303,6 +303,10 @@ def run_eval(config):
 
 
 def run(config: RunConfig):
-    """Run `config` (mode train or eval) and return its metrics."""
+    """Run `config` (mode train, eval or export) and return its metrics (export: its report)."""
     config = config.resolved()
+    if config.mode == "export":
+        from anp_vs_tf.export import export_file  # TF Serving export, only when asked
+
+        return export_file(config.model_path, config.export_dir, config.version)
     return run_train(config) if config.mode == "train" else run_eval(config)

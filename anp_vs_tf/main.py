@@ -18,7 +18,8 @@ from anp_vs_tf.trainers import method_names
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "train", MODES, "train a model, or eval a saved one (--model_path).")
+flags.DEFINE_enum("mode", "train", MODES, "train a model, eval a saved one (--model_path), or export "
+                  "it, pruned units removed, as a SavedModel for TF Serving (--export_dir, --version).")
 flags.DEFINE_enum("method", "anp_vs", method_names(), "training method.")
 flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16 (default: per dataset).")
 flags.DEFINE_enum("dataset", "mnist", list(DATASET_PRESETS), "data set ('folder': your own tree at --data_dir).")
@@ -26,6 +27,8 @@ flags.DEFINE_string("data_dir", None, "folder with the data (IDX files or train/
                     "default: $ANP_VS_DATA_DIR, then system packages, then tensorflow-datasets.")
 flags.DEFINE_string("out_dir", "runs/default", "where checkpoints, logs, model.keras and metrics.json go.")
 flags.DEFINE_string("model_path", None, "a .keras model saved by anp_vs_tf (for --mode=eval).")
+flags.DEFINE_string("export_dir", None, "--mode=export: the model's folder; versions go to DIR/N/.")
+flags.DEFINE_integer("version", 1, "--mode=export: the version number (an existing one is never overwritten).")
 flags.DEFINE_string("init_from", None, "a .keras model of the same architecture to start from (pretrained base).")
 flags.DEFINE_integer("pretrain_epochs", 0, "first train a standard base model for this many epochs "
                      "and start from it (instead of --init_from).")

@@ -56,6 +56,9 @@ BAD_INPUTS = [
     (["--dataset=cifar100"], "no cifar100 data found"),
     (["--mode=eval"], "--model_path"),
     (["--lr_decay_at=0.5,1.5"], "lr_decay_at"),
+    (["--mode=export", "--model_path=bad.cfg"], "--export_dir"),
+    (["--mode=export", "--model_path=bad.cfg", "--export_dir=exported"], "not a .keras model"),
+    (["--method=pre_at"], "pretrained"),
 ]
 
 
