@@ -49,7 +49,7 @@ def attack_batch(model, x, y, adversary, seed=0):
 def _gradient_sign(model, x, y):
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(cross_entropy_loss(model.deterministic_logits(x), y))
+        loss = tf.reduce_sum(cross_entropy_loss(model.inference_logits(x), y))
     return tf.sign(tape.gradient(loss, x))
 
 
@@ -65,7 +65,7 @@ def _surface_losses(model, x, y, d_adv, d_rand, coefficients, chunk):
         images = x + ab[:, 0, None, None, None] * d_adv + ab[:, 1, None, None, None] * d_rand
         images = tf.clip_by_value(images, 0.0, 1.0)
         labels = tf.fill(tf.shape(ab)[:1], y[0])
-        return cross_entropy_loss(model.deterministic_logits(images), labels)
+        return cross_entropy_loss(model.inference_logits(images), labels)
 
     chunks = tf.reshape(coefficients, [-1, chunk, 2])
     return tf.reshape(tf.map_fn(chunk_losses, chunks, fn_output_signature=tf.float32), [-1])

@@ -13,9 +13,13 @@
    feature-vulnerability figure, under --out_dir.
 
 Every method shares the paper's settings (eps, w_adv 2, Adam lr 1e-3 and mask lr 1e-2,
-weight decay) except what the budget forces, as in configs/quickstart.cfg: the training
-attack is PGD-3 with step 0.15 (evaluation stays PGD-40, step 0.01), the learning rates
-drop x0.1 at 60% and 85% of the E epochs, and the masks start at a = 2 with beta = 15.
+weight decay) except what the budget forces: the training attack is PGD-3 with step 0.15
+(evaluation stays PGD-40, step 0.01) and the learning rates drop x0.1 at 60% and 85% of
+the E epochs. Three settings differ from the paper's MNIST ones because the schedule is
+short (see the closing notes of issue 4 for the runs behind them): the masks start at
+a = 10 (E[pi] = 0.91, little dropout noise while the pretrained features adapt), beta =
+15 so that they prune within E epochs, and lambda = 1 for both VS methods (at the
+paper's 1e-3 the VS term is ~1e-5 of the loss here and does nothing in a short run).
 A method whose run directory already holds metrics.json is not run again, so an
 interrupted benchmark resumes where it stopped.
 """
@@ -46,7 +50,7 @@ def settings(dataset, out_dir, epochs, train_subset, test_subset):
     """The RunConfig every method starts from."""
     return RunConfig(
         dataset=dataset, epochs=epochs, batch_size=128, pgd_steps=3, step_size=0.15,
-        lr_decay_at=(0.6, 0.85), mask_a_init=2.0, beta_kl=15.0, eval_batch_size=2000,
+        lr_decay_at=(0.6, 0.85), mask_a_init=10.0, beta_kl=15.0, lambda_vs=1.0, eval_batch_size=2000,
         sanity_examples=500, train_subset=train_subset, test_subset=test_subset,
         out_dir=out_dir, verbose=2,
     )

@@ -8,7 +8,7 @@ from anp_vs_tf.attacks import PGD, cross_entropy_loss, fgsm
 
 
 def per_example_loss(model, x, y):
-    return cross_entropy_loss(model.deterministic_logits(tf.constant(x)), tf.constant(y)).numpy()
+    return cross_entropy_loss(model.inference_logits(tf.constant(x)), tf.constant(y)).numpy()
 
 
 @pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
@@ -16,7 +16,7 @@ def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist_subset, 
     _, _, x, y = mnist_subset
     x, y = x[:256], y[:256]
     attack = PGD(eps, step, 10, norm=norm)
-    x_adv = attack(trained_lenet.deterministic_logits, x, y, seed=tf.constant([1, 2])).numpy()
+    x_adv = attack(trained_lenet.inference_logits, x, y, seed=tf.constant([1, 2])).numpy()
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     delta = (x_adv - x).reshape(len(x), -1)
     if norm == "linf":
@@ -31,7 +31,7 @@ def test_pgd_stays_in_the_ball_and_the_valid_range(trained_lenet, mnist_subset, 
 def test_pgd_raises_the_loss_above_the_clean_loss(trained_lenet, mnist_subset, norm, eps, step):
     _, _, x, y = mnist_subset
     x, y = x[:256], y[:256]
-    x_adv = PGD(eps, step, 10, norm=norm)(trained_lenet.deterministic_logits, x, y, seed=tf.constant([3, 4]))
+    x_adv = PGD(eps, step, 10, norm=norm)(trained_lenet.inference_logits, x, y, seed=tf.constant([3, 4]))
     clean, adv = per_example_loss(trained_lenet, x, y), per_example_loss(trained_lenet, x_adv.numpy(), y)
     assert adv.mean() > clean.mean() + 1.0
     assert np.mean(adv >= clean - 1e-4) > 0.95
@@ -53,9 +53,9 @@ def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist_
     x, y = tf.constant(x[:64]), tf.constant(y[:64])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(cross_entropy_loss(trained_lenet.deterministic_logits(x), y))
+        loss = tf.reduce_sum(cross_entropy_loss(trained_lenet.inference_logits(x), y))
     expected = tf.clip_by_value(x + 0.2 * tf.sign(tape.gradient(loss, x)), 0.0, 1.0)
-    np.testing.assert_allclose(fgsm(0.2)(trained_lenet.deterministic_logits, x, y).numpy(), expected.numpy())
+    np.testing.assert_allclose(fgsm(0.2)(trained_lenet.inference_logits, x, y).numpy(), expected.numpy())
 
 
 def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist_subset):
@@ -63,15 +63,15 @@ def test_restarts_keep_the_worst_case_per_example(trained_lenet, mnist_subset):
     x, y = x[:128], y[:128]
     seed = tf.constant([5, 6])
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    single = [PGD(0.3, 0.05, 3)(trained_lenet.deterministic_logits, x, y, s) for s in seeds]
-    best = PGD(0.3, 0.05, 3, restarts=3)(trained_lenet.deterministic_logits, x, y, seed)
+    single = [PGD(0.3, 0.05, 3)(trained_lenet.inference_logits, x, y, s) for s in seeds]
+    best = PGD(0.3, 0.05, 3, restarts=3)(trained_lenet.inference_logits, x, y, seed)
     losses = np.stack([per_example_loss(trained_lenet, s.numpy(), y) for s in single])
     np.testing.assert_allclose(per_example_loss(trained_lenet, best.numpy(), y), losses.max(0), rtol=1e-5)
 
 
 def test_zero_steps_without_random_start_is_the_identity(trained_lenet, mnist_subset):
     _, _, x, y = mnist_subset
-    out = PGD(0.3, 0.1, 0, random_start=False)(trained_lenet.deterministic_logits, x[:8], y[:8])
+    out = PGD(0.3, 0.1, 0, random_start=False)(trained_lenet.inference_logits, x[:8], y[:8])
     np.testing.assert_array_equal(out.numpy(), x[:8])
 
 

@@ -304,3 +304,16 @@ def test_nested_model_is_rejected():
     model = keras.Model(x, keras.layers.Dense(1)(inner(x)))
     with pytest.raises(ValueError, match="inner.*nested model"):
         complexity(model)
+
+
+def test_gaussian_layers_count_a_mean_and_a_scale_per_weight():
+    """AT BNN: the deployed network stores two numbers per weight of the plain one."""
+    plain = complexity(build_model("lenet5_caffe"))
+    bayesian = complexity(build_model("lenet5_caffe", bayesian_kwargs={}))
+    assert bayesian.params_dense == plain.params_dense  # the plain network is the reference
+    assert bayesian.params_kept == 2 * plain.params_kept
+    assert bayesian.flops_kept == plain.flops_kept + 3 * plain.params_kept  # + drawing the weights
+    assert bayesian.memory_pct == pytest.approx(
+        100 * (2 * plain.params_kept + plain.activations_kept) / (plain.params_dense + plain.activations_dense)
+    )
+    assert 190 < bayesian.memory_pct < 200

@@ -13,7 +13,7 @@ from anp_vs_tf.trainers import RobustModel, get_method
 
 
 def robust_accuracy(model, x, y, x_adv):
-    predictions = np.argmax(model.deterministic_logits(tf.constant(x_adv)).numpy(), axis=1)
+    predictions = np.argmax(model.inference_logits(tf.constant(x_adv)).numpy(), axis=1)
     return float(np.mean(predictions == y))
 
 
@@ -23,11 +23,11 @@ def test_our_pgd_agrees_with_cleverhans_within_one_point(trained_lenet, mnist_su
     _, _, x, y = mnist_subset
     ours = attacks.PGD(eps, step, 40, norm=norm)
     x_ours = np.concatenate([
-        ours(trained_lenet.deterministic_logits, x[i:i + 500], y[i:i + 500], tf.constant([i, 1])).numpy()
+        ours(trained_lenet.inference_logits, x[i:i + 500], y[i:i + 500], tf.constant([i, 1])).numpy()
         for i in (0, 500)
     ])
     theirs = tf.function(lambda xb, yb: projected_gradient_descent(
-        trained_lenet.deterministic_logits, xb, eps, step, 40, np.inf if norm == "linf" else 2,
+        trained_lenet.inference_logits, xb, eps, step, 40, np.inf if norm == "linf" else 2,
         clip_min=0.0, clip_max=1.0, y=yb, rand_init=True, sanity_checks=False,
     ))
     x_theirs = np.concatenate([theirs(tf.constant(x[i:i + 500]), tf.constant(y[i:i + 500])).numpy()
@@ -45,8 +45,8 @@ def test_transfer_attack_uses_the_source_gradients_only(trained_lenet, mnist_sub
     pgd = attacks.PGD(0.3, 0.05, 5)
     seed = tf.constant([4, 2])
     target = RobustModel(models.lenet5_caffe(), "standard")  # untrained: its gradients differ
-    transferred = attacks.TransferAttack(trained_lenet, pgd)(target.deterministic_logits, x, y, seed)
-    np.testing.assert_array_equal(transferred.numpy(), pgd(trained_lenet.deterministic_logits, x, y, seed).numpy())
+    transferred = attacks.TransferAttack(trained_lenet, pgd)(target.inference_logits, x, y, seed)
+    np.testing.assert_array_equal(transferred.numpy(), pgd(trained_lenet.inference_logits, x, y, seed).numpy())
 
 
 def test_eot_averages_the_gradient_over_stochastic_calls():
@@ -77,8 +77,8 @@ def test_robust_model_attacks_the_stochastic_network_for_eot(mnist_subset):
     x = tf.constant(mnist_subset[2][:8])
     backbone = models.lenet5_caffe(prunable=True, mask_kwargs=dict(a_init=1.0))
     model = RobustModel(backbone, get_method("bp", num_train_examples=100))
-    deterministic = model.deterministic_logits(x).numpy()
-    np.testing.assert_array_equal(deterministic, model.deterministic_logits(x).numpy())
+    deterministic = model.inference_logits(x).numpy()
+    np.testing.assert_array_equal(deterministic, model.inference_logits(x).numpy())
     assert not np.allclose(model.stochastic_logits(x).numpy(), model.stochastic_logits(x).numpy())
 
 

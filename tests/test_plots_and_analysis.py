@@ -39,7 +39,7 @@ def pruned_lenet(mnist_subset):
 
 
 def clean_loss(model, x, y):
-    return cross_entropy_loss(model.deterministic_logits(x[None]), [y]).numpy()[0]
+    return cross_entropy_loss(model.inference_logits(x[None]), [y]).numpy()[0]
 
 
 def assert_png(path):
@@ -69,7 +69,7 @@ def test_adversarial_axis_is_the_signed_input_gradient(trained_lenet, mnist_subs
     image = tf.constant(x[1][None])
     with tf.GradientTape() as tape:
         tape.watch(image)
-        loss = cross_entropy_loss(trained_lenet.deterministic_logits(image), [y[1]])
+        loss = cross_entropy_loss(trained_lenet.inference_logits(image), [y[1]])
     direction = tf.sign(tape.gradient(loss, image))
     for i, alpha in enumerate(surface["alphas"]):
         moved = tf.clip_by_value(image + alpha * direction, 0.0, 1.0)[0].numpy()

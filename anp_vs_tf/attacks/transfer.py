@@ -17,8 +17,8 @@ class TransferAttack:
         self.eot_samples = 1  # the target is never queried
 
     def source_logits(self, x):
-        if hasattr(self.source, "deterministic_logits"):
-            return self.source.deterministic_logits(x)
+        if hasattr(self.source, "inference_logits"):
+            return self.source.inference_logits(x)
         return split_outputs(self.source(x, training=False))[0]
 
     def __call__(self, logits_fn, x, y, seed=None):

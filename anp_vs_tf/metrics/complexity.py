@@ -39,7 +39,9 @@ H, W the output's spatial size:
                 inference mask folds into the previous layer's weights.
     GaussianConv2D, GaussianDense  as Conv2D / Dense for one weight draw, plus 3 FLOPs
                 per weight to draw it (mu + softplus(rho) * eps); params twice as many
-                (a mean and a scale per weight).
+                (a mean and a scale per weight). The "dense" reference counts them as
+                the deterministic layers they replace, so a Bayesian network's memory
+                is about 200% of the plain one (FLOPs are per weight draw).
 
 Activation memory: output elements of every layer but Flatten, Dropout and
 BetaBernoulliDropout (views or folded away), the input included; a count of floats.
@@ -356,8 +358,12 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _cost(layer, ins, out, channels):
-    """(params, FLOPs) of one layer; `channels` is the dense size of the output's last axis."""
+def _cost(layer, ins, out, channels, reference=False):
+    """(params, FLOPs) of one layer; `channels` is the dense size of the output's last axis.
+
+    `reference`: cost of the plain network the ratios compare with, where a Gaussian
+    layer counts as the deterministic layer it replaces.
+    """
     if isinstance(layer, _LINEAR):
         convolution = isinstance(layer, (L.Conv2D, GaussianConv2D))
         taps = math.prod(_pair(layer.kernel_size)) if convolution else 1
@@ -365,7 +371,7 @@ def _cost(layer, ins, out, channels):
         per_unit_ops = int(layer.use_bias) + int(layer.activation is not keras.activations.linear)
         flops = (2 * weights + per_unit_ops * out.units) * out.positions
         params = weights + int(layer.use_bias) * out.units
-        if isinstance(layer, _GAUSSIAN):  # a mean and a scale per weight, and the draw
+        if isinstance(layer, _GAUSSIAN) and not reference:  # a mean and a scale per weight, and the draw
             return 2 * params, flops + 3 * params
         return params, flops
     if isinstance(layer, (L.BatchNormalization, L.Normalization)):
@@ -385,7 +391,7 @@ def _cost(layer, ins, out, channels):
     return 0, 0  # InputLayer, Flatten, Dropout, BetaBernoulliDropout
 
 
-def _layer_costs(graph, effective):
+def _layer_costs(graph, effective, reference=False):
     """Per node: (params, FLOPs, activations, units in, units out) for one pruning state."""
     def deployed(tensor):
         return _Units(math.prod(tensor.shape[1:-1]), int(effective[id(tensor)].sum()))
@@ -394,7 +400,7 @@ def _layer_costs(graph, effective):
     for node in graph.nodes:
         layer, out_tensor = node.operation, node.output_tensors[0]
         ins, out = [deployed(t) for t in node.input_tensors], deployed(out_tensor)
-        params, flops = _cost(layer, ins, out, _units(out_tensor))
+        params, flops = _cost(layer, ins, out, _units(out_tensor), reference)
         activations = 0 if isinstance(layer, _NO_MEMORY) else out.elements
         if node.input_tensors:
             units_in = int(np.logical_or.reduce([effective[id(t)] for t in node.input_tensors]).sum())
@@ -412,7 +418,7 @@ def complexity(model):
     """
     graph = _graph(model)
     all_kept = {key: np.ones_like(mask) for key, mask in graph.masks.items()}
-    dense = _layer_costs(graph, _effective_units(graph, all_kept))
+    dense = _layer_costs(graph, _effective_units(graph, all_kept), reference=True)
     kept = _layer_costs(graph, _effective_units(graph, graph.masks))
     rows = tuple(
         LayerComplexity(

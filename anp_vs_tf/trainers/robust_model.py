@@ -174,6 +174,8 @@ class RobustModel(keras.Model):
     def weight_sparsity(self):
         """Percent of kernel weights that are exactly zero (unstructured pruning, e.g. ADMM)."""
         kernels = self.kernel_variables
+        if not kernels:  # e.g. Gaussian layers, whose weights are distributions
+            return tf.constant(0.0)
         zeros = tf.add_n([tf.reduce_sum(tf.cast(tf.equal(k, 0.0), tf.float32)) for k in kernels])
         return 100.0 * zeros / float(sum(int(tf.size(k)) for k in kernels))
 
