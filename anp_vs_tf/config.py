@@ -6,9 +6,11 @@ settings), so a flagfile only states what differs.
 """
 
 import dataclasses
+import math
 import os
 from typing import Optional, Tuple
 
+from anp_vs_tf.distribute import STRATEGIES
 from anp_vs_tf.trainers import method_names, method_switches
 
 # The authors' settings (reference/paper-results.md). step_size is the PGD step in
@@ -86,6 +88,9 @@ class RunConfig:
     eot_samples: int = 0
     sanity_examples: int = 1000
     plots: bool = True
+    strategy: str = "default"
+    devices: Optional[Tuple[str, ...]] = None
+    on_bad_file: str = "skip"
     download: bool = True
     overwrite: bool = False
     verbose: int = 1
@@ -126,7 +131,7 @@ class RunConfig:
         need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
         for name in ("adv_weight", "beta_kl", "lambda_vs", "weight_decay"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
-        need(self.lr > 0 and self.mask_lr > 0, "learning rates must be > 0.")
+        need(0 < self.lr < math.inf and 0 < self.mask_lr < math.inf, "learning rates must be finite and > 0.")
         need(all(0 < f < 1 for f in self.lr_decay_at),
              f"lr_decay_at holds fractions of training in (0, 1), got {list(self.lr_decay_at)}.")
         need(self.mask_a_init > 0 and self.mask_b_init > 0, "mask_a_init and mask_b_init must be > 0.")
@@ -144,6 +149,10 @@ class RunConfig:
         if self.mode == "export":
             need(self.export_dir is not None, "--mode=export needs --export_dir=DIR (the model's folder for TF Serving).")
             need(self.version >= 1, f"--version must be a positive integer, got {self.version}.")
+        need(self.strategy in STRATEGIES,
+             f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        need(not self.devices or self.strategy == "mirrored", "--devices goes with --strategy=mirrored.")
+        need(self.on_bad_file in ("skip", "error"), f"on_bad_file is skip or error, got {self.on_bad_file!r}.")
         need(self.eot_samples >= 0 and self.sanity_examples >= 0,
              "eot_samples and sanity_examples must be >= 0.")
         if self.bb_source is not None:

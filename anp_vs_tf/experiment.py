@@ -2,8 +2,8 @@
 
     out_dir/config.json      the resolved settings
     out_dir/base/            the pretrained base model, when --pretrain_epochs is set
-    out_dir/backup/          Keras BackupAndRestore state: a killed run resumes from it
-    out_dir/checkpoints/     the latest epoch's model (ModelCheckpoint)
+    out_dir/checkpoints/     the training state, every epoch and on demand: a killed run
+                             restarted with the same command resumes exactly
     out_dir/logs/            TensorBoard
     out_dir/model.keras      the trained model
     out_dir/metrics.json     what `evaluation.evaluate` measured on the test set
@@ -16,17 +16,24 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import zipfile
 
 import keras
 
-from anp_vs_tf import attacks, data, evaluation, report
+from anp_vs_tf import attacks, checkpointing, data, distribute, evaluation, report
 from anp_vs_tf.config import ConfigError, RunConfig
 from anp_vs_tf.models import build_model, check_input_shape, transfer_weights
 from anp_vs_tf.trainers import RobustModel, get_method
 
-_RESTART_KEYS = ("verbose", "overwrite", "download")
+# Settings a restarted run may change (how it runs, not what it computes).
+_RESTART_KEYS = ("verbose", "overwrite", "download", "strategy", "devices", "eval_batch_size")
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on request (SIGTERM) after saving a checkpoint."""
 
 
 def _write_json(path, payload):
@@ -66,7 +73,8 @@ def check_out_dir(config):
 
 def _settings(config_dict):
     settings = {k: v for k, v in config_dict.items() if k not in _RESTART_KEYS}
-    settings["lr_decay_at"] = list(settings.get("lr_decay_at") or [])
+    for key in ("lr_decay_at", "devices"):  # tuples come back from JSON as lists
+        settings[key] = list(settings.get(key) or [])
     return settings
 
 
@@ -165,7 +173,7 @@ def measure(model, splits, config, out_dir, bb_source=None):
         model, splits.test, adversary, fgsm_attack=config.fgsm, bb_source=bb_source,
         eot_samples=config.eot_samples, sanity_examples=config.sanity_examples, verbose=config.verbose,
     )
-    if config.plots:
+    if config.plots and distribute.is_chief():
         from anp_vs_tf import plots  # matplotlib loads only when figures are drawn
 
         plots.write_run_plots(model, splits.test, adversary, out_dir, metrics=metrics)
@@ -187,30 +195,66 @@ def _load_bb_source(config):
     return source
 
 
-def fit(model, dataset, epochs, out_dir, validation=None, verbose=1):
-    """model.fit with the run's callbacks: backup/resume, latest checkpoint, TensorBoard."""
-    os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(out_dir, "checkpoints", "latest.keras")),
-        keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")),
-    ]
-    return model.fit(
-        dataset, epochs=epochs, validation_data=validation, callbacks=callbacks, verbose=verbose,
-        shuffle=False,  # the tf.data pipeline shuffles, with the run's seed
-    )
+def fit(model, splits, epochs, batch_size, out_dir, verbose=1):
+    """Train `model` for `epochs` epochs in total, resuming from out_dir's checkpoints.
+
+    The data is the resumable stream `splits.train_from(step)`: a run restored at step
+    s trains on exactly the batches an uninterrupted run would, so a kill at any point
+    costs at most the work since the last checkpoint (every epoch, or on SIGUSR1 or
+    SIGTERM; see `checkpointing`). Raises Interrupted after a SIGTERM checkpoint and
+    TrainingDiverged if the loss turns NaN.
+    """
+    chief = distribute.is_chief()
+    directory = os.path.join(out_dir, "checkpoints") if chief else tempfile.mkdtemp(prefix="anp_vs_tf_worker_")
+    state = checkpointing.TrainingState(model, directory)
+    step = state.restore()
+    per_epoch = data.steps_per_epoch(splits.info.num_train, batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    if step:
+        print(f"resuming from {state.latest} at step {step} (epoch {epoch + 1}, batch {offset + 1})", flush=True)
+    saver = checkpointing.CheckpointCallback(state)
+    callbacks = [saver, checkpointing.NanGuard(state)]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
+    legs = []  # (first epoch, last epoch, steps per epoch): finish an interrupted epoch first
+    if offset and epoch < epochs:
+        legs.append((epoch, epoch + 1, per_epoch - offset))
+        epoch += 1
+    if epoch < epochs:
+        legs.append((epoch, epochs, per_epoch))
+    for first, last, steps in legs:
+        model.fit(
+            splits.train_from(state.step), initial_epoch=first, epochs=last, steps_per_epoch=steps,
+            total_epochs=epochs, validation_data=splits.test, callbacks=callbacks, verbose=verbose,
+        )
+        if saver.stopped_by_signal:
+            raise Interrupted(
+                f"stopped by SIGTERM at step {state.step}; checkpoint {state.latest}. "
+                "Run the same command again to resume."
+            )
+    if not chief:
+        shutil.rmtree(directory, ignore_errors=True)
+    return state
 
 
 def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None, epochs=None,
                        bb_source=None):
-    """Train one model into out_dir and measure it; returns its metrics."""
+    """Train one model into out_dir and measure it; returns (metrics, path of the saved model).
+
+    Under a multi-worker strategy every worker trains and measures (the steps are
+    collective), and only the chief writes into out_dir; the others save the model in
+    a temporary folder, which is where they find it again.
+    """
     start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
+    chief = distribute.is_chief()
+    model_dir = out_dir if chief else tempfile.mkdtemp(prefix="anp_vs_tf_worker_")
+    os.makedirs(model_dir, exist_ok=True)
     epochs = config.epochs if epochs is None else epochs
     model = build(config, splits.info, method_name, init_from, epochs)
     if epochs:
-        fit(model, splits.train, epochs, out_dir, validation=splits.test, verbose=config.verbose)
-    model.save(os.path.join(out_dir, "model.keras"))
+        fit(model, splits, epochs, config.batch_size, out_dir, verbose=config.verbose)
+    model_path = os.path.join(model_dir, "model.keras")
+    model.save(model_path)
     metrics = measure(model, splits, config, out_dir, bb_source)
     metrics.update(
         method=model.method.name,
@@ -219,8 +263,9 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
         epochs=epochs,
         wall_time_s=time.time() - start,
     )
-    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    return metrics
+    if chief:
+        _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics, model_path
 
 
 def _check_model_fits(model_name, input_shape):
@@ -243,6 +288,7 @@ def _load_data(config):
         test_subset=config.test_subset,
         seed=config.seed,
         download=config.download,
+        on_bad_file=config.on_bad_file,
     )
     _check_model_fits(config.model, splits.info.input_shape)
     return splits
@@ -260,7 +306,7 @@ def run_train(config):
             )
     bb_source = _load_bb_source(config)
     splits = _load_data(config)
-    out = prepare_out_dir(config)
+    out = prepare_out_dir(config) if distribute.is_chief() else config.out_dir
     keras.utils.set_random_seed(config.seed)
     rows = []
     init_from = config.init_from
@@ -269,16 +315,17 @@ def run_train(config):
         if os.path.exists(os.path.join(base_dir, "metrics.json")):
             with open(os.path.join(base_dir, "metrics.json")) as f:
                 base_metrics = json.load(f)
+            init_from = os.path.join(base_dir, "model.keras")
         else:
-            base_metrics = train_and_evaluate(
+            base_metrics, init_from = train_and_evaluate(
                 config, splits, base_dir, method_name="standard", epochs=config.pretrain_epochs,
                 bb_source=bb_source,
             )
-        init_from = os.path.join(base_dir, "model.keras")
         rows.append((f"{report.PAPER_NAMES['standard']} (base)", base_metrics))
-    metrics = train_and_evaluate(config, splits, out, init_from=init_from, bb_source=bb_source)
+    metrics, _ = train_and_evaluate(config, splits, out, init_from=init_from, bb_source=bb_source)
     metrics["wall_time_s"] = time.time() - start
-    _write_json(os.path.join(out, "metrics.json"), metrics)
+    if distribute.is_chief():
+        _write_json(os.path.join(out, "metrics.json"), metrics)
     rows.append((report.PAPER_NAMES.get(config.method, config.method), metrics))
     print(report.format_table(rows))
     return metrics
@@ -293,20 +340,31 @@ def run_eval(config):
     check_out_dir(config)
     bb_source = _load_bb_source(config)
     splits = _load_data(config)
-    out = prepare_out_dir(config)
+    chief = distribute.is_chief()
+    out = prepare_out_dir(config) if chief else config.out_dir
     metrics = measure(model, splits, config, out, bb_source)
     metrics.update(method=model.method.name, model=model_name, dataset=config.dataset,
                    model_path=config.model_path, wall_time_s=time.time() - start)
-    _write_json(os.path.join(out, "metrics.json"), metrics)
+    if chief:
+        _write_json(os.path.join(out, "metrics.json"), metrics)
     print(report.format_table([(report.PAPER_NAMES.get(model.method.name, model.method.name), metrics)]))
     return metrics
 
 
 def run(config: RunConfig):
-    """Run `config` (mode train, eval or export) and return its metrics (export: its report)."""
+    """Run `config` (mode train, eval or export) and return its metrics (export: its report).
+
+    Models, optimizers and metrics are created under the strategy's scope, so training
+    and evaluation run on one device, several GPUs or several machines alike.
+    """
     config = config.resolved()
     if config.mode == "export":
         from anp_vs_tf.export import export_file  # TF Serving export, only when asked
 
         return export_file(config.model_path, config.export_dir, config.version)
-    return run_train(config) if config.mode == "train" else run_eval(config)
+    try:
+        strategy = distribute.make_strategy(config.strategy, config.devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    with strategy.scope():
+        return run_train(config) if config.mode == "train" else run_eval(config)

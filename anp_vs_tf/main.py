@@ -9,11 +9,13 @@ line on stderr and exit status 2, before data is loaded or anything is written.
 import dataclasses
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from anp_vs_tf import experiment
 from anp_vs_tf.config import DATASET_PRESETS, MODES, ConfigError, RunConfig
+from anp_vs_tf.checkpointing import TrainingDiverged
 from anp_vs_tf.data import DataError
+from anp_vs_tf.distribute import STRATEGIES
 from anp_vs_tf.trainers import method_names
 
 FLAGS = flags.FLAGS
@@ -69,6 +71,11 @@ flags.DEFINE_integer("eot_samples", 0, "if > 1, also attack the stochastic netwo
                      "gradient over this many mask samples (eot_acc).")
 flags.DEFINE_integer("sanity_examples", 1000, "test examples for the gradient-masking checks (0: skip).")
 flags.DEFINE_bool("plots", True, "write the run's figures to out_dir/plots.")
+flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy: default (one device), "
+                  "mirrored (local GPUs, or --devices), multi_worker (TF_CONFIG), tpu.")
+flags.DEFINE_list("devices", None, "--strategy=mirrored: the devices, e.g. /gpu:0,/gpu:1 (default: all GPUs).")
+flags.DEFINE_enum("on_bad_file", "skip", ["skip", "error"], "image folders: skip unreadable images "
+                  "(with a count) or stop at the first.")
 flags.DEFINE_bool("download", True, "let tensorflow-datasets download a data set found nowhere else.")
 flags.DEFINE_bool("overwrite", False, "allow replacing a finished run in --out_dir.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -77,6 +84,8 @@ flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2
 def config_from_flags():
     """The RunConfig the flags describe."""
     values = {field.name: FLAGS[field.name].value for field in dataclasses.fields(RunConfig)}
+    if values["devices"] is not None:
+        values["devices"] = tuple(values["devices"])
     if values["lr_decay_at"] is not None:
         try:
             values["lr_decay_at"] = tuple(float(v) for v in values["lr_decay_at"])
@@ -88,15 +97,22 @@ def config_from_flags():
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {' '.join(argv[1:])}; all settings are --flags.")
+    if not FLAGS["verbosity"].present:  # TensorFlow's INFO lines would drown the progress bar
+        logging.set_verbosity(logging.WARNING)
     try:
         experiment.run(config_from_flags())
     except (ConfigError, DataError) as error:
         _fail(str(error))
+    except TrainingDiverged as error:
+        _fail(str(error), status=3)
+    except experiment.Interrupted as error:
+        print(f"anp_vs_tf: {error}", file=sys.stderr)
+        sys.exit(143)
 
 
-def _fail(message):
+def _fail(message, status=2):
     print(f"anp_vs_tf: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def parse_flags(argv):

@@ -11,7 +11,7 @@ from anp_vs_tf.layers import (
     BetaBernoulliDropout,
     concrete_sample,
     kumaraswamy_beta_kl,
-    shared_mask_sample,
+    sampling,
 )
 
 tfd = tfp.distributions
@@ -110,10 +110,10 @@ def test_conv_masks_are_per_example_and_channel():
     assert not np.allclose(y[0], y[1])  # examples draw their own masks
 
 
-def test_shared_mask_sample_reuses_one_mask_per_example():
+def test_a_shared_sample_reuses_one_mask_per_example():
     layer = make_layer(units=16, a_init=1.0, b_init=1.0)
     x = tf.random.uniform((5, 16), 0.5, 1.0, seed=3)
-    with shared_mask_sample(5):
+    with sampling(shared_batch_size=5):
         stacked = layer(tf.concat([x, x], 0), training=True).numpy()
         separate = layer(x, training=True).numpy()
     np.testing.assert_array_equal(stacked[:5], stacked[5:])

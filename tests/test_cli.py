@@ -1,7 +1,9 @@
 """The command line: flagfiles, one-line errors before any work, and a short real run."""
 
+import gzip
 import json
 import os
+import shutil
 import pathlib
 import subprocess
 import sys
@@ -74,6 +76,59 @@ def test_bad_input_stops_with_one_line_before_any_work(tmp_path, data_dir, args,
     assert not out.exists()
 
 
+def _truncated_mnist(tmp_path, data_dir):
+    """The real MNIST files, with the training images cut short as by a broken download."""
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    for source in (data_dir / "mnist").iterdir():
+        shutil.copy(source, folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    with gzip.open(images) as f:
+        content = f.read()
+    with gzip.open(images, "wb") as f:
+        f.write(content[:-1000])
+    return ["--dataset=mnist", f"--data_dir={tmp_path / 'data'}"]
+
+
+def _folder_with_an_unreadable_image(tmp_path, data_dir):
+    """Two CIFAR-10 classes as an image folder, one 'JPEG' of which is text."""
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(3):
+                shutil.copy(data_dir / "cifar10-jpeg" / split / name / f"{i:04d}.jpg",
+                            tmp_path / "tree" / split / name)
+    (tmp_path / "tree" / "train" / "dog" / "0099.jpg").write_text("not an image")
+    return ["--dataset=folder", f"--data_dir={tmp_path / 'tree'}", "--model=vgg16", "--on_bad_file=error"]
+
+
+def _plain_keras_model(tmp_path, data_dir):
+    """A valid .keras file, but of a model this package did not make."""
+    import keras
+
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.save(tmp_path / "plain.keras")
+    return ["--mode=eval", f"--model_path={tmp_path / 'plain.keras'}"]
+
+
+BAD_DATA = [
+    (_truncated_mnist, "truncated"),
+    (_folder_with_an_unreadable_image, "0099.jpg"),
+    (_plain_keras_model, "not an anp_vs_tf RobustModel"),
+]
+
+
+@pytest.mark.parametrize("setup,message", BAD_DATA, ids=[s.__name__.strip("_") for s, _ in BAD_DATA])
+def test_bad_data_or_model_stops_with_one_line_and_writes_nothing(tmp_path, data_dir, setup, message):
+    args = setup(tmp_path, data_dir)
+    out = tmp_path / "out"
+    result = run_cli(*args, f"--out_dir={out}", "--download=false", cwd=tmp_path, data_dir=tmp_path)
+    lines = [l for l in result.stderr.splitlines() if l.startswith("anp_vs_tf: error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_a_short_run_writes_metrics_and_evaluates_again(tmp_path, data_dir):
     out = tmp_path / "run"
     common = ["--dataset=mnist", "--test_subset=300", "--eval_pgd_steps=5", "--verbose=0"]
@@ -95,7 +150,7 @@ def test_a_short_run_writes_metrics_and_evaluates_again(tmp_path, data_dir):
     assert set(metrics["n_active"]) == {"conv1_bbd", "conv2_bbd", "dense1_bbd"}
     assert base["method"] == "standard" and base["sparsity_pct"] == 0.0
     assert "| ANP-VS |" in result.stdout and "| Standard (base) |" in result.stdout
-    for name in ("model.keras", "config.json", "checkpoints/latest.keras", "base/model.keras",
+    for name in ("model.keras", "config.json", "checkpoints/checkpoint", "base/model.keras",
                  "plots/active_units.png", "plots/feature_vulnerability.png", "plots/loss_surface.png",
                  "plots/saliency.png", "base/plots/loss_surface.png"):
         assert (out / name).exists(), name

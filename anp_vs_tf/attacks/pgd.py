@@ -9,6 +9,8 @@ int32 tensor) for the random start, so a run is reproducible step by step.
 import keras
 import tensorflow as tf
 
+from anp_vs_tf.distribute import replica_rows
+
 NORMS = ("linf", "l2")
 
 
@@ -105,22 +107,28 @@ class PGD:
         return tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
 
     def _random_start(self, x, seed):
+        # Each example's start is its row of a draw for the global batch, whatever the
+        # number of replicas (see distribute.replica_rows).
+        rows, example = tf.shape(x)[0], tf.shape(x)[1:]
+
+        def draw(sample):
+            return replica_rows(lambda n: sample(tf.concat([[n], example], 0)), rows)
+
         if not isinstance(self.random_start, bool):  # Gaussian start, as TRADES
-            noise = tf.random.stateless_normal(tf.shape(x), seed, stddev=self.random_start, dtype=x.dtype)
-            return self.project(x + noise, x)
+            noise = draw(lambda shape: tf.random.stateless_normal(shape, seed, stddev=self.random_start))
+            return self.project(x + tf.cast(noise, x.dtype), x)
         if self.norm == "linf":
-            delta = tf.random.stateless_uniform(tf.shape(x), seed, -self.eps, self.eps, x.dtype)
+            delta = draw(lambda shape: tf.random.stateless_uniform(shape, seed, -self.eps, self.eps))
         else:
             # Uniform in the L2 ball: a uniform direction times radius eps * u^(1/d).
             direction_seed, radius_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-            direction = tf.random.stateless_normal(tf.shape(x), direction_seed, dtype=x.dtype)
+            direction = draw(lambda shape: tf.random.stateless_normal(shape, direction_seed))
             direction = direction / _per_example_l2(direction)
-            dims = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
-            u = tf.random.stateless_uniform(
-                tf.concat([tf.shape(x)[:1], tf.ones_like(tf.shape(x)[1:])], 0), radius_seed, dtype=x.dtype
-            )
+            dims = tf.cast(tf.reduce_prod(example), tf.float32)
+            u = draw(lambda shape: tf.random.stateless_uniform(
+                tf.concat([shape[:1], tf.ones_like(shape[1:])], 0), radius_seed))
             delta = direction * self.eps * tf.pow(u, 1.0 / dims)
-        return self.project(x + delta, x)
+        return self.project(x + tf.cast(delta, x.dtype), x)
 
     def _ascent_direction(self, grad):
         if self.norm == "linf":

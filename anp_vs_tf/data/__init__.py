@@ -13,6 +13,8 @@ from anp_vs_tf.data.datasets import (
     load,
     load_arrays,
     make_dataset,
+    steps_per_epoch,
+    training_stream,
 )
 from anp_vs_tf.data.errors import DataError
 
@@ -26,4 +28,6 @@ __all__ = [
     "load",
     "load_arrays",
     "make_dataset",
+    "steps_per_epoch",
+    "training_stream",
 ]

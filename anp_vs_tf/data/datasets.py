@@ -9,7 +9,7 @@ pixel space).
 
 import dataclasses
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -104,6 +104,9 @@ class Data(NamedTuple):
     test: tf.data.Dataset
     validation: tf.data.Dataset | None
     info: DataInfo
+    # train_from(step): the endless, resumable training stream from global step `step`
+    # (see training_stream); `train` is the same data as one reshuffled pass per epoch.
+    train_from: Callable[[int], tf.data.Dataset] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,49 @@ def make_dataset(images, labels, batch_size, training, seed=0, augment=False, dr
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def training_stream(images, labels, batch_size, seed=0, augment=False, start_step=0):
+    """Endless training batches in which batch i is a pure function of (seed, i).
+
+    Epoch e is the permutation of the examples drawn from the stateless seed (seed, e),
+    cut into ceil(N / batch_size) batches (the last one shorter); augmentation is keyed
+    by (seed, e, example). So `training_stream(..., start_step=s)` yields exactly the
+    batches an uninterrupted stream yields from its s-th on: a run restored from a
+    checkpoint at step s continues on the same data, in the same order. Use it with
+    `fit(..., steps_per_epoch=steps_per_epoch(N, batch_size))`.
+    """
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(start_step, "start_step", 0)
+    images, labels = np.asarray(images), np.asarray(labels).astype(np.int32)
+    if images.dtype != np.uint8:
+        raise DataError(f"training_stream takes uint8 images (0..255), got {images.dtype}")
+    count = len(labels)
+    first_epoch, offset = divmod(start_step, steps_per_epoch(count, batch_size))
+    all_images, all_labels = tf.constant(images), tf.constant(labels)
+
+    def gather(indices, epoch):
+        batch_images, batch_labels = tf.gather(all_images, indices), tf.gather(all_labels, indices)
+        if augment:
+            keys = epoch * count + tf.cast(indices, tf.int64) + seed + AUGMENT_SEED_OFFSET
+            batch_images = tf.map_fn(
+                lambda pair: _crop_and_flip((pair[0], 0), pair[1])[0], (batch_images, keys),
+                fn_output_signature=batch_images.dtype,
+            )
+        return batch_images, batch_labels
+
+    def one_epoch(epoch):
+        noise = tf.random.stateless_uniform([count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.data.Dataset.from_tensor_slices(tf.argsort(noise)).batch(batch_size)
+        return order.map(lambda indices: gather(indices, epoch))
+
+    stream = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch).skip(offset)
+    return stream.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(num_examples, batch_size):
+    """Batches in one pass over the data, the last one possibly shorter."""
+    return -(-int(num_examples) // int(batch_size))
+
+
 def load(
     name,
     data_dir=None,
@@ -236,7 +282,12 @@ def load(
         size = batch_size if training else eval_batch_size
         return make_dataset(x, y, size, training, seed=seed, augment=augment and training)
 
+    def train_from(step=0):
+        return training_stream(x_train[train_idx], y_train[train_idx], batch_size, seed=seed,
+                               augment=augment, start_step=step)
+
     return Data(
+        train_from=train_from,
         train=pipeline(x_train[train_idx], y_train[train_idx], True),
         test=pipeline(x_test[test_idx], y_test[test_idx], False),
         validation=pipeline(x_train[val_idx], y_train[val_idx], False) if len(val_idx) else None,

@@ -11,9 +11,8 @@ from anp_vs_tf.layers.beta_bernoulli import (
     beta_bernoulli_layers,
     concrete_sample,
     kumaraswamy_beta_kl,
-    mask_sampling,
-    shared_mask_sample,
 )
+from anp_vs_tf.layers.sampling import sampling
 
 __all__ = [
     "BetaBernoulliDropout",
@@ -24,7 +23,6 @@ __all__ = [
     "gaussian_kl",
     "gaussian_layers",
     "kumaraswamy_beta_kl",
-    "mask_sampling",
-    "shared_mask_sample",
+    "sampling",
     "total_kl",
 ]

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from anp_vs_tf.layers.sampling import current_scope
+
 
 def gaussian_kl(mu, sigma, prior_stddev):
     """KL(N(mu, sigma^2) || N(0, prior_stddev^2)), elementwise, in closed form:
@@ -114,6 +116,11 @@ class _GaussianLayer(keras.layers.Layer):
             samples.append(mu + tf.nn.softplus(rho) * eps)
         return samples[0], (samples[1] if self.use_bias else None)
 
+    def _scope_seed(self):
+        """The step's seed for this layer inside a keyed `layers.sampling` block, else None."""
+        scope = current_scope()
+        return scope.layer_seed(self) if scope is not None else None
+
     def _finish(self, outputs, bias):
         if bias is not None:
             outputs = tf.nn.bias_add(outputs, tf.cast(bias, outputs.dtype))
@@ -170,7 +177,7 @@ class GaussianDense(_GaussianLayer):
         self._build_posterior((int(input_shape[-1]), self.units), (self.units,))
 
     def call(self, inputs):
-        kernel, bias = self.sample_weights()
+        kernel, bias = self.sample_weights(self._scope_seed())
         return self._finish(tf.matmul(inputs, tf.cast(kernel, inputs.dtype)), bias)
 
     def compute_output_shape(self, input_shape):
@@ -231,7 +238,7 @@ class GaussianConv2D(_GaussianLayer):
         self._build_posterior(kernel_shape, (self.filters,))
 
     def call(self, inputs):
-        kernel, bias = self.sample_weights()
+        kernel, bias = self.sample_weights(self._scope_seed())
         outputs = tf.nn.conv2d(
             inputs, tf.cast(kernel, inputs.dtype), strides=self.strides, padding=self.padding.upper()
         )

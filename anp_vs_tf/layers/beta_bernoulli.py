@@ -8,14 +8,13 @@ are both in closed form. A small alpha puts most prior mass near pi = 0, so unit
 that do not earn their keep are switched off for good: that is the pruning.
 """
 
-import contextlib
-import threading
-import zlib
-
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+
+from anp_vs_tf.distribute import replica_rows
+from anp_vs_tf.layers.sampling import current_scope
 
 tfd = tfp.distributions
 
@@ -63,52 +62,9 @@ def concrete_sample(pi, temperature, batch_size, seed):
     pi = tf.clip_by_value(pi, _PI_EPS, 1.0 - _PI_EPS)
     logits = tf.math.log(pi) - tf.math.log1p(-pi)
     noise = tfd.Logistic(logits / temperature, 1.0 / temperature)
-    return tf.sigmoid(noise.sample(batch_size, seed=seed))
-
-
-class _MaskScope:
-    """Per-step mask sampling settings, read while the step is traced."""
-
-    def __init__(self, seed, batch_size, at_inference):
-        self.seed = seed
-        self.batch_size = batch_size
-        self.at_inference = at_inference
-        self.masks = {}
-
-
-_scope_state = threading.local()
-
-
-@contextlib.contextmanager
-def mask_sampling(seed=None, shared_batch_size=None, at_inference=False):
-    """Control how training-mode `BetaBernoulliDropout` layers draw their masks.
-
-    seed: a stateless seed (shape-[2] int tensor) for this step. Each layer folds in
-        its own name, so the masks are a pure function of (seed, layer): a trainer
-        that keys the seed by its step counter can be stopped and resumed exactly.
-        Without it, layers use their own `keras.random.SeedGenerator`.
-    shared_batch_size: if given, each layer samples one mask for that many examples
-        and reuses it for every view of them: a stacked batch such as
-        `tf.concat([x, x_adv], 0)` (the mask is tiled) or separate calls on `x` and
-        `x_adv`. Vulnerability |z - z~| then measures what the perturbation does to a
-        feature, not the difference between two dropout draws.
-    at_inference: sample masks even in inference mode (training=False), so that batch
-        norm keeps its moving statistics while the masks are random: the stochastic
-        network an expectation-over-transformation attack averages over.
-
-    The scope is read while a `tf.function` is traced, so it costs nothing per step.
-    """
-    previous = getattr(_scope_state, "scope", None)
-    _scope_state.scope = _MaskScope(seed, shared_batch_size, at_inference)
-    try:
-        yield _scope_state.scope
-    finally:
-        _scope_state.scope = previous
-
-
-def shared_mask_sample(batch_size, seed=None):
-    """`mask_sampling` with one mask per example shared by all views of it."""
-    return mask_sampling(seed=seed, shared_batch_size=batch_size)
+    # Each example's noise is its row of a draw for the global batch, whatever the
+    # number of replicas (see distribute.replica_rows).
+    return tf.sigmoid(replica_rows(lambda n: noise.sample(n, seed=seed), batch_size))
 
 
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
@@ -238,24 +194,20 @@ class BetaBernoulliDropout(keras.layers.Layer):
         return concrete_sample(pi, self.temperature, batch_size, z_seed)
 
     def _training_mask(self, batch_size):
-        scope = getattr(_scope_state, "scope", None)
+        scope = current_scope()
         if scope is None:
             return self.sample_mask(batch_size)
-        seed = None
-        if scope.seed is not None:
-            layer_key = zlib.crc32(self.name.encode()) % (2**31 - 1)
-            seed = tf.random.experimental.stateless_fold_in(tf.cast(scope.seed, tf.int32), layer_key)
-        if scope.batch_size is None:
+        seed = scope.layer_seed(self)
+        if scope.shared_batch_size is None:
             return self.sample_mask(batch_size, seed)
-        key = id(self)
-        if key not in scope.masks:
-            scope.masks[key] = self.sample_mask(scope.batch_size, seed)
-        mask = scope.masks[key]
+        if id(self) not in scope.shared:
+            scope.shared[id(self)] = self.sample_mask(scope.shared_batch_size, seed)
+        mask = scope.shared[id(self)]
         views = batch_size // tf.shape(mask)[0]
         return tf.tile(mask, tf.stack([views, 1]))
 
     def call(self, inputs, training=False):
-        scope = getattr(_scope_state, "scope", None)
+        scope = current_scope()
         if training or (scope is not None and scope.at_inference):
             mask = self._training_mask(tf.shape(inputs)[0])
             mask = tf.reshape(mask, [-1] + [1] * (len(inputs.shape) - 2) + [self.units])

@@ -136,7 +136,8 @@ class AdmmSchedule(keras.callbacks.Callback):
         self.robust_model = model
 
     def _admm_epochs(self):
-        return int(round(self.method.admm_fraction * self.params.get("epochs", 1)))
+        total = getattr(self.robust_model, "planned_epochs", None) or self.params.get("epochs", 1)
+        return int(round(self.method.admm_fraction * total))
 
     def on_train_begin(self, logs=None):
         state = self.robust_model.method_state

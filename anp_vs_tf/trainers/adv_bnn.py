@@ -5,13 +5,14 @@ The backbone has mean-field Gaussian weights (`layers.GaussianDense`,
 adversarial loss plus the KL of the weights to their Gaussian prior, scaled as in the
 ANP-VS authors' implementation of this baseline: KL / (N * kl_weight). A prediction
 averages the logits of `bnn_samples` weight draws, and white-box evaluation attacks
-differentiate that average; training attacks one draw at a time, as Adv-BNN does.
+differentiate that average; training attacks a single draw, as Adv-BNN does.
 """
 
 import keras
 import tensorflow as tf
 
 from anp_vs_tf.layers.bayesian import total_kl
+from anp_vs_tf.layers.sampling import sampling
 from anp_vs_tf.trainers.methods import Method, register
 
 
@@ -39,9 +40,12 @@ class AdvBnn(Method):
         self.bnn_samples = int(bnn_samples)
 
     def adversarial_examples(self, model, x, y, seed=None):
-        """Training attacks the network of one weight draw per attack step, as Adv-BNN
-        does; the averaged ensemble is what evaluation attacks."""
-        one_draw = lambda inputs: model.logits_and_latents(inputs, training=False)[0]  # noqa: E731
+        """Training attacks one weight draw (keyed by the step's seed, as every random
+        draw in training); the averaged ensemble is what evaluation attacks."""
+        def one_draw(inputs):
+            with sampling(seed):
+                return model.logits_and_latents(inputs, training=False)[0]
+
         return model.adversary(one_draw, x, y, seed)
 
     def losses(self, model, views, y):

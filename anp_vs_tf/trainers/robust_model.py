@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
-from anp_vs_tf.layers import beta_bernoulli_layers, gaussian_layers, mask_sampling
+from anp_vs_tf.layers import beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
 from anp_vs_tf.trainers.methods import Views, get_method
@@ -139,7 +139,7 @@ class RobustModel(keras.Model):
 
     def stochastic_logits(self, inputs):
         """Logits with freshly sampled masks, everything else as at inference."""
-        with mask_sampling(at_inference=True):
+        with sampling(at_inference=True):
             return self.logits_and_latents(inputs, training=False)[0]
 
     @property
@@ -193,15 +193,13 @@ class RobustModel(keras.Model):
         """The stateless seed of one random stream in the current training step.
 
         Keyed by (seed, optimizer step, stream), so draws are reproducible and a run
-        restored from a checkpoint repeats them; each replica folds in its own id.
+        restored from a checkpoint repeats them. Every replica gets the same seed and
+        keeps its rows of a global draw (`distribute.replica_rows`), so the draws do
+        not depend on the number of replicas either.
         """
         step = tf.cast(tf.math.floormod(self.optimizer.iterations, 2**31 - 1), tf.int32)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
-        seed = tf.random.experimental.stateless_fold_in(seed, stream)
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
-        return seed
+        return tf.random.experimental.stateless_fold_in(seed, stream)
 
     def attack(self, x, y, adversary=None, seed=None):
         """Adversarial examples against the deterministic network, or against the
@@ -218,13 +216,13 @@ class RobustModel(keras.Model):
     def forward_views(self, x, x_adv=None, seed=None):
         """Training-mode forward of x and x~ sharing one mask sample per example.
 
-        `seed` keys the masks (see `layers.mask_sampling`); None uses the layers' own
+        `seed` keys the masks (see `layers.sampling`); None uses the layers' own
         seed generators.
         """
         if x_adv is None:
-            with mask_sampling(seed):
+            with sampling(seed):
                 return Views(*self.logits_and_latents(x, training=True))
-        with mask_sampling(seed, shared_batch_size=tf.shape(x)[0]):
+        with sampling(seed, shared_batch_size=tf.shape(x)[0]):
             if self.fuse_views:
                 logits, latents = self.logits_and_latents(tf.concat([x, x_adv], 0), training=True)
                 halves = lambda t: tf.split(t, 2, axis=0)  # noqa: E731
@@ -237,8 +235,21 @@ class RobustModel(keras.Model):
 
     # -- compile, train and test steps -----------------------------------------------
 
-    def fit(self, *args, callbacks=None, **kwargs):
-        """`keras.Model.fit`, plus the callbacks the method itself needs (ADMM's schedule)."""
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Skip Keras' symbolic build: under MultiWorkerMirroredStrategy it reduces a
+        distributed batch eagerly and fails (keras-team/keras#20585), and this model does
+        not need it, having built its optimizers at compile time and its metrics in
+        __init__."""
+        if not (self.compiled and self.optimizer.built):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def fit(self, *args, callbacks=None, total_epochs=None, **kwargs):
+        """`keras.Model.fit`, plus the callbacks the method itself needs (ADMM's schedule).
+
+        total_epochs: the length of the whole run when this call trains only part of it
+        (a resumed run finishing an interrupted epoch); method schedules use it.
+        """
+        self.planned_epochs = total_epochs if total_epochs is not None else kwargs.get("epochs", 1)
         callbacks = list(callbacks or []) + list(self.method.callbacks(self))
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
@@ -307,7 +318,7 @@ class RobustModel(keras.Model):
         logs = self._logs(names)
         if masks:
             logs["sparsity"] = self.sparsity()
-        return logs
+        return _for_keras(logs)
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -328,8 +339,8 @@ class RobustModel(keras.Model):
                 self.feature_vulnerability.update_state(latents, latents_adv)
                 logs = self._logs(names)
                 logs["vulnerability"] = self.feature_vulnerability.result()
-                return logs
-        return self._logs(names)
+                return _for_keras(logs)
+        return _for_keras(self._logs(names))
 
     @property
     def metrics(self):
@@ -363,6 +374,18 @@ class RobustModel(keras.Model):
 
 
 _ATTACK_STREAM, _MASK_STREAM = 1, 2
+
+
+def _for_keras(logs):
+    """The step's logs as Keras reduces them across replicas.
+
+    Under MultiWorkerMirroredStrategy Keras averages each logged value over the
+    replicas along axis 0, which a scalar does not have (keras-team/keras#20585):
+    there, every value goes out as a vector of one.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
 
 
 def _correct(y, logits):
