@@ -32,7 +32,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10"],
+        # nbclient + ipykernel execute the notebooks in the tests.
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.29"],
     },
     entry_points={"console_scripts": ["anp-vs-tf=anp_vs_tf.main:run"]},
 )

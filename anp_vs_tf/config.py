@@ -33,7 +33,8 @@ DATASET_PRESETS = {
                     bnn_prior_stddev=0.1, bnn_init_rho=-5.0),
 }
 
-MODES = ("train", "eval", "export")
+MODES = ("train", "eval", "export", "tune")
+TUNERS = ("random", "bayesian", "hyperband")  # keras-tuner searches for --mode=tune
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,10 @@ class RunConfig:
     eot_samples: int = 0
     sanity_examples: int = 1000
     plots: bool = True
+    tuner: str = "random"
+    max_trials: int = 10
+    min_sparsity: float = 0.0
+    validation_examples: Optional[int] = None
     strategy: str = "default"
     devices: Optional[Tuple[str, ...]] = None
     on_bad_file: str = "skip"
@@ -110,6 +115,8 @@ class RunConfig:
         if config.eval_step_size is None:  # the paper's evaluation, whatever training used
             config.eval_step_size = preset["step_size"]
         config.lr_decay_at = tuple(config.lr_decay_at or ())
+        if config.validation_examples is None:  # tuning scores on held-out training data
+            config.validation_examples = 5000 if config.mode == "tune" else 0
         config.validate()
         return config
 
@@ -149,6 +156,18 @@ class RunConfig:
         if self.mode == "export":
             need(self.export_dir is not None, "--mode=export needs --export_dir=DIR (the model's folder for TF Serving).")
             need(self.version >= 1, f"--version must be a positive integer, got {self.version}.")
+        need(self.tuner in TUNERS, f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}.")
+        need(self.max_trials >= 1, f"max_trials must be >= 1, got {self.max_trials}.")
+        need(0 <= self.min_sparsity < 100, f"min_sparsity is a percentage in [0, 100), got {self.min_sparsity}.")
+        need(self.validation_examples >= 0, f"validation_examples must be >= 0, got {self.validation_examples}.")
+        if self.mode == "tune":
+            need(self.validation_examples > 0, "--mode=tune scores trials on held-out training data: "
+                 "--validation_examples must be > 0.")
+            need(self.epochs >= 1, "--mode=tune trains every trial for --epochs: it must be >= 1.")
+            switches = method_switches(self.method)
+            need(switches["prunes"] or switches["suppress_vulnerability"],
+                 f"method {self.method} has nothing of ANP-VS to tune (no masks, no λ); --mode=tune "
+                 "searches λ, β, the masks and w_adv: use anp_vs, anp, at_vs or bp.")
         need(self.strategy in STRATEGIES,
              f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         need(not self.devices or self.strategy == "mirrored", "--devices goes with --strategy=mirrored.")

@@ -29,7 +29,8 @@ from anp_vs_tf.models import build_model, check_input_shape, transfer_weights
 from anp_vs_tf.trainers import RobustModel, get_method
 
 # Settings a restarted run may change (how it runs, not what it computes).
-_RESTART_KEYS = ("verbose", "overwrite", "download", "strategy", "devices", "eval_batch_size")
+_RESTART_KEYS = ("verbose", "overwrite", "download", "strategy", "devices", "eval_batch_size",
+                 "max_trials")  # a search may be resumed with more trials
 
 
 class Interrupted(RuntimeError):
@@ -289,6 +290,7 @@ def _load_data(config):
         seed=config.seed,
         download=config.download,
         on_bad_file=config.on_bad_file,
+        validation_examples=config.validation_examples,
     )
     _check_model_fits(config.model, splits.info.input_shape)
     return splits
@@ -351,8 +353,24 @@ def run_eval(config):
     return metrics
 
 
+def run_tune(config):
+    """Search the method's settings with keras-tuner; resumes an interrupted search."""
+    from anp_vs_tf import tuning  # keras-tuner loads only when a search is asked for
+
+    check_out_dir(config)
+    splits = _load_data(config)
+    out = prepare_out_dir(config) if distribute.is_chief() else config.out_dir
+    rows = tuning.run_tune(config, splits, out)
+    done = [r for r in rows if r["status"] == "COMPLETED"]
+    print(f"{len(done)} of {len(rows)} trials completed; {os.path.join(out, 'tuning.csv')}"
+          + (f", best settings in {os.path.join(out, 'best.cfg')}" if done else ""))
+    return rows
+
+
 def run(config: RunConfig):
-    """Run `config` (mode train, eval or export) and return its metrics (export: its report).
+    """Run `config` (mode train, eval, tune or export) and return what it measured.
+
+    train and eval return the metrics, tune the trials' rows, export its report.
 
     Models, optimizers and metrics are created under the strategy's scope, so training
     and evaluation run on one device, several GPUs or several machines alike.
@@ -367,4 +385,6 @@ def run(config: RunConfig):
     except ValueError as error:
         raise ConfigError(str(error)) from None
     with strategy.scope():
+        if config.mode == "tune":
+            return run_tune(config)
         return run_train(config) if config.mode == "train" else run_eval(config)

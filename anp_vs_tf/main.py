@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 
 from anp_vs_tf import experiment
-from anp_vs_tf.config import DATASET_PRESETS, MODES, ConfigError, RunConfig
+from anp_vs_tf.config import DATASET_PRESETS, MODES, TUNERS, ConfigError, RunConfig
 from anp_vs_tf.checkpointing import TrainingDiverged
 from anp_vs_tf.data import DataError
 from anp_vs_tf.distribute import STRATEGIES
@@ -20,8 +20,9 @@ from anp_vs_tf.trainers import method_names
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "train", MODES, "train a model, eval a saved one (--model_path), or export "
-                  "it, pruned units removed, as a SavedModel for TF Serving (--export_dir, --version).")
+flags.DEFINE_enum("mode", "train", MODES, "train a model, eval a saved one (--model_path), export "
+                  "it, pruned units removed, as a SavedModel for TF Serving (--export_dir, --version), "
+                  "or tune the method's settings with keras-tuner (--tuner, --max_trials, --min_sparsity).")
 flags.DEFINE_enum("method", "anp_vs", method_names(), "training method.")
 flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16 (default: per dataset).")
 flags.DEFINE_enum("dataset", "mnist", list(DATASET_PRESETS), "data set ('folder': your own tree at --data_dir).")
@@ -71,6 +72,13 @@ flags.DEFINE_integer("eot_samples", 0, "if > 1, also attack the stochastic netwo
                      "gradient over this many mask samples (eot_acc).")
 flags.DEFINE_integer("sanity_examples", 1000, "test examples for the gradient-masking checks (0: skip).")
 flags.DEFINE_bool("plots", True, "write the run's figures to out_dir/plots.")
+flags.DEFINE_enum("tuner", "random", list(TUNERS), "--mode=tune: keras-tuner's RandomSearch, "
+                  "BayesianOptimization or Hyperband (max_epochs: --epochs).")
+flags.DEFINE_integer("max_trials", 10, "--mode=tune: number of trials (random, bayesian).")
+flags.DEFINE_float("min_sparsity", 0.0, "--mode=tune: trials pruning less than this percent of the "
+                   "units score below every trial that prunes enough.")
+flags.DEFINE_integer("validation_examples", None, "training examples held out to score trials "
+                     "(default: 5000 for --mode=tune, else 0); never the test set.")
 flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy: default (one device), "
                   "mirrored (local GPUs, or --devices), multi_worker (TF_CONFIG), tpu.")
 flags.DEFINE_list("devices", None, "--strategy=mirrored: the devices, e.g. /gpu:0,/gpu:1 (default: all GPUs).")

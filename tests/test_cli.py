@@ -61,6 +61,9 @@ BAD_INPUTS = [
     (["--mode=export", "--model_path=bad.cfg"], "--export_dir"),
     (["--mode=export", "--model_path=bad.cfg", "--export_dir=exported"], "not a .keras model"),
     (["--method=pre_at"], "pretrained"),
+    (["--mode=tune", "--method=at"], "nothing of ANP-VS to tune"),
+    (["--mode=tune", "--validation_examples=0"], "--validation_examples must be > 0"),
+    (["--mode=tune", "--tuner=grid"], "tuner"),
 ]
 
 
