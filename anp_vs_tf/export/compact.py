@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
+from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
 
 L = keras.layers
@@ -96,7 +97,7 @@ class _Builder:
             return keras.Input(shape=tuple(out.shape[1:]), dtype=out.dtype, name=layer.name), None
         x, scale = inputs[0]
         kept_in = self.kept[id(node.input_tensors[0])]
-        if type(layer) in (L.Conv2D, L.Dense):
+        if type(layer) in (L.Conv2D, InputConv2D, L.Dense):
             return self._linear(layer, x, scale, kept_in, kept_out), None
         if isinstance(layer, BetaBernoulliDropout):
             mask = keras.ops.convert_to_numpy(layer.inference_mask()).astype(np.float64)
@@ -144,7 +145,7 @@ class _Builder:
             weights.append(keras.ops.convert_to_numpy(layer.bias)[kept_out])
         config = layer.get_config()
         config["filters" if isinstance(layer, L.Conv2D) else "units"] = int(kept_out.sum())
-        new = type(layer).from_config(config)
+        new = (L.Dense if isinstance(layer, L.Dense) else L.Conv2D).from_config(config)  # plain Keras layers only
         y = new(x)
         new.set_weights(weights)
         return y

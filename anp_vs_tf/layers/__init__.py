@@ -12,12 +12,14 @@ from anp_vs_tf.layers.beta_bernoulli import (
     concrete_sample,
     kumaraswamy_beta_kl,
 )
+from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.sampling import sampling
 
 __all__ = [
     "BetaBernoulliDropout",
     "GaussianConv2D",
     "GaussianDense",
+    "InputConv2D",
     "beta_bernoulli_layers",
     "concrete_sample",
     "gaussian_kl",

@@ -12,7 +12,7 @@ Layer names are the same with and without the masks ("conv1", "dense1", "logits"
 
 import keras
 
-from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense
+from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense, InputConv2D
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -46,12 +46,14 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform"):
+             kernel_initializer="glorot_uniform", on_input=False):
+        """on_input: the conv reads the image; its input gradient (every attack step) is made fast."""
         if self.bayesian:
             return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
-        return keras.layers.Conv2D(filters, kernel_size, padding=padding, activation=activation,
-                                   use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
+        conv = InputConv2D if on_input else keras.layers.Conv2D
+        return conv(filters, kernel_size, padding=padding, activation=activation,
+                    use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
 
     def dense(self, units, name, activation=None, use_bias=True, kernel_initializer="glorot_uniform"):
         if self.bayesian:
@@ -78,7 +80,7 @@ def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_k
     """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, dense 500, dense classes."""
     hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
-    x = hidden(make.conv(20, 5, "conv1", activation="relu")(inputs), "conv1")
+    x = hidden(make.conv(20, 5, "conv1", activation="relu", on_input=True)(inputs), "conv1")
     x = keras.layers.MaxPooling2D(2, name="pool1")(x)
     x = hidden(make.conv(50, 5, "conv2", activation="relu")(x), "conv2")
     x = keras.layers.MaxPooling2D(2, name="pool2")(x)
@@ -107,7 +109,7 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
             continue
         conv += 1
         x = make.conv(width, 3, f"conv{conv}", padding="same", use_bias=False,
-                      kernel_initializer="he_normal")(x)
+                      kernel_initializer="he_normal", on_input=conv == 1)(x)
         x = keras.layers.BatchNormalization(name=f"bn{conv}")(x)
         x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
     x = keras.layers.Flatten(name="flatten")(x)
