@@ -16,6 +16,7 @@ import os
 
 import keras
 import keras_tuner
+import tensorflow as tf
 
 from anp_vs_tf import attacks, experiment
 from anp_vs_tf.config import RunConfig
@@ -163,6 +164,9 @@ def write_best_flagfile(config, best_values, path):
 def run_tune(config, splits, out_dir):
     """Search, then write tuning.csv and best.cfg; returns the trials' rows."""
     tuner = make_tuner(config, AnpVsHyperModel(config, splits), out_dir)
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # every trial's new model retraces Keras' step, and TF warns about it
     try:
         tuner.search()
     except RuntimeError as error:  # keras-tuner gives up after every trial in a row failed
@@ -172,6 +176,8 @@ def run_tune(config, splits, out_dir):
             f"every trial failed ({str(error).strip().splitlines()[0]}); see "
             f"{os.path.join(out_dir, 'tuning.csv')} and the trials in {os.path.join(out_dir, 'tuner')}."
         ) from None
+    finally:
+        logger.setLevel(level)
     rows = trial_rows(tuner, config.method)
     write_csv(rows, os.path.join(out_dir, "tuning.csv"))
     best = tuner.get_best_hyperparameters(1)
