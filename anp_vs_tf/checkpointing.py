@@ -26,15 +26,21 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingState:
-    """The checkpoints of one run, in `directory`."""
+    """The checkpoints of one run, written to `directory`.
 
-    def __init__(self, model, directory, max_to_keep=2):
+    restore_from: where to look for the checkpoint to resume from, if not `directory`:
+    a non-chief worker writes to a private folder (its files are only needed to keep
+    the collective save in step) but resumes from the chief's checkpoints.
+    """
+
+    def __init__(self, model, directory, max_to_keep=2, restore_from=None):
         objects = {"model": model, "optimizer": model.optimizer}
         if getattr(model, "mask_optimizer", None) is not None:
             objects["mask_optimizer"] = model.mask_optimizer
         self.model = model
         self.checkpoint = tf.train.Checkpoint(**objects)
         self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        self.restore_from = restore_from
 
     @property
     def step(self):
@@ -47,8 +53,9 @@ class TrainingState:
 
     def restore(self):
         """Load the newest checkpoint if there is one; returns the step it resumes at."""
-        if self.latest is not None:
-            self.checkpoint.restore(self.latest).assert_existing_objects_matched()
+        path = tf.train.latest_checkpoint(self.restore_from) if self.restore_from else self.latest
+        if path is not None:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
         return self.step
 
     def save(self):

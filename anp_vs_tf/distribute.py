@@ -64,6 +64,19 @@ def is_chief():
     return task.get("type") == "worker" and int(task.get("index", 0)) == 0
 
 
+def check_same_on_every_worker(value, what, remedy):
+    """Raise ValueError unless the integer `value` is the same in every worker process."""
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    # Collectives offer SUM and MEAN only: every worker learns the same mean and spread.
+    local = tf.constant(float(value), tf.float64)
+    mean = strategy.reduce("MEAN", strategy.run(tf.function(lambda: tf.identity(local))), axis=None)
+    spread = strategy.reduce("SUM", strategy.run(tf.function(lambda: tf.square(local - mean))), axis=None)
+    if float(spread) > 0:
+        raise ValueError(f"{what} differs between workers (here {value}, mean {float(mean):g}): {remedy}.")
+
+
 def replica_rows(sample, rows):
     """`sample(n)` draws n rows; return this replica's `rows` rows of a global draw.
 

@@ -206,9 +206,15 @@ def fit(model, splits, epochs, batch_size, out_dir, verbose=1):
     TrainingDiverged if the loss turns NaN.
     """
     chief = distribute.is_chief()
-    directory = os.path.join(out_dir, "checkpoints") if chief else tempfile.mkdtemp(prefix="anp_vs_tf_worker_")
-    state = checkpointing.TrainingState(model, directory)
+    shared = os.path.join(out_dir, "checkpoints")
+    directory = shared if chief else tempfile.mkdtemp(prefix="anp_vs_tf_worker_")
+    state = checkpointing.TrainingState(model, directory, restore_from=shared)
     step = state.restore()
+    try:
+        distribute.check_same_on_every_worker(step, "the checkpoint step to resume from", (
+            f"every worker must see the chief's {shared} (a shared file system) to resume"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     per_epoch = data.steps_per_epoch(splits.info.num_train, batch_size)
     epoch, offset = divmod(step, per_epoch)
     if step:

@@ -77,3 +77,32 @@ def test_multi_worker_with_two_processes_matches_one_device(single_device, tmp_p
     for method in METHODS:
         assert result[f"multi_worker:{method}"]["replicas"] == 2
         assert_same_curve(single_device, result[f"multi_worker:{method}"], method)
+
+
+CHECK = """
+import json, os
+from anp_vs_tf import distribute
+strategy = distribute.make_strategy("multi_worker")
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+with strategy.scope():
+    distribute.check_same_on_every_worker(7, "the step", "fix it")
+    try:
+        distribute.check_same_on_every_worker(30 * index, "the step", "fix it")
+    except ValueError as error:
+        print("refused:", error)
+"""
+
+
+def test_workers_that_would_resume_from_different_steps_all_refuse(tmp_path):
+    """A worker that cannot see the chief's checkpoints would start over: every worker stops."""
+    workers = [f"localhost:{free_port()}" for _ in range(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        processes.append(subprocess.Popen([sys.executable, "-c", CHECK], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for index, process in enumerate(processes):
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-2000:]
+        assert stdout.count("refused:") == 1 and f"here {30 * index}" in stdout, stdout
