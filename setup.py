@@ -35,6 +35,8 @@ setup(
         # nbclient + ipykernel execute the notebooks in the tests.
         "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29"],
+        # benchmarks/throughput.py compares with the Adversarial Robustness Toolbox.
+        "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },
     entry_points={"console_scripts": ["anp-vs-tf=anp_vs_tf.main:run"]},
 )

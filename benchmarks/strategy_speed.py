@@ -6,7 +6,9 @@ devices relative to one device, for the same model, method and global batch.
 Each strategy runs in its own process (logical devices must be configured before
 TensorFlow starts): LeNet-5-Caffe on real MNIST, PGD-10 training attack, global batch
 128, one warm-up window that traces the step, then `--windows` timed windows of
-`--steps` steps each; the median window gives examples/s. On a 2-core machine mirrored
+`--steps` steps each (at and anp_vs in turn); the median window gives examples/s, and
+the median over `--rounds` processes per strategy, run alternately (the machine's speed
+drifts), is what is compared. On a 2-core machine mirrored
 cannot be faster (both replicas share the same cores); the number says what the
 replica bookkeeping (per-replica attack, all-reduce, global random draws) costs.
 """
@@ -16,9 +18,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from timing import fit_window, interleaved_seconds, median_rate
 
 METHODS = ("at", "anp_vs")
 
@@ -43,11 +46,7 @@ def child(strategy_name, steps, windows, batch):
                                                    labels[keep].astype("int32")))
                .repeat().batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
-    class Clock(keras.callbacks.Callback):
-        def on_train_batch_end(self, index, logs=None):
-            stamps.append(time.perf_counter())
-
-    result = {}
+    runs = {}
     for name in METHODS:
         with strategy.scope():
             keras.utils.set_random_seed(0)
@@ -56,12 +55,10 @@ def child(strategy_name, steps, windows, batch):
                                 adversary=attacks.PGD(0.3, 0.03, 10), seed=0)
             model.compile(keras.optimizers.Adam(1e-3),
                           mask_optimizer=keras.optimizers.Adam(1e-2) if method.prunes else None)
-        stamps = []
-        model.fit(dataset, steps_per_epoch=steps * (windows + 1), epochs=1, verbose=0, callbacks=[Clock()])
-        ends = np.array(stamps)[steps - 1::steps]  # the end of each window; window 0 is warm-up
-        per_window = np.diff(ends)
-        result[name] = {"examples_per_s": float(batch * steps / np.median(per_window)),
-                        "replicas": strategy.num_replicas_in_sync}
+        runs[name] = fit_window(model, dataset, steps)
+    seconds = interleaved_seconds(runs, windows)
+    result = {name: {"examples_per_s": median_rate(s, batch * steps),
+                     "replicas": strategy.num_replicas_in_sync} for name, s in seconds.items()}
     return result
 
 
@@ -70,26 +67,30 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="processes per strategy, alternating")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", choices=("one", "mirrored"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.windows, args.batch_size)))
         return
-    results = {}
-    for strategy in ("one", "mirrored"):
-        command = [sys.executable, __file__, f"--child={strategy}", f"--steps={args.steps}",
-                   f"--windows={args.windows}", f"--batch_size={args.batch_size}"]
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        if done.returncode:
-            sys.exit(f"strategy_speed: the {strategy} run failed:\n{done.stderr[-3000:]}")
-        results[strategy] = json.loads(done.stdout.strip().splitlines()[-1])
+    runs = {"one": [], "mirrored": []}
+    for _ in range(args.rounds):  # alternate the processes: the machine's speed drifts
+        for strategy in runs:
+            command = [sys.executable, __file__, f"--child={strategy}", f"--steps={args.steps}",
+                       f"--windows={args.windows}", f"--batch_size={args.batch_size}"]
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if done.returncode:
+                sys.exit(f"strategy_speed: the {strategy} run failed:\n{done.stderr[-3000:]}")
+            runs[strategy].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {"runs": runs, "examples_per_s": {}, "slowdown": {}}
     print(f"{'method':8s} {'one device':>12s} {'mirrored x2':>12s} {'slowdown':>9s}  (examples/s, "
-          f"LeNet-5-Caffe, PGD-10, global batch {args.batch_size})")
+          f"LeNet-5-Caffe, PGD-10, global batch {args.batch_size}, median of {args.rounds} processes each)")
     for name in METHODS:
-        one, mirrored = results["one"][name]["examples_per_s"], results["mirrored"][name]["examples_per_s"]
-        results.setdefault("slowdown", {})[name] = one / mirrored
+        one, mirrored = (float(np.median([r[name]["examples_per_s"] for r in runs[s]])) for s in runs)
+        results["examples_per_s"][name] = {"one": one, "mirrored": mirrored}
+        results["slowdown"][name] = one / mirrored
         print(f"{name:8s} {one:12.0f} {mirrored:12.0f} {one / mirrored:8.2f}x")
     if args.json:
         with open(args.json, "w") as f:

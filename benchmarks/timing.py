@@ -1,0 +1,52 @@
+"""Shared by the benchmarks: time training in windows of steps, runs interleaved.
+
+This machine's speed drifts by tens of percent over minutes (a shared VM), so runs
+that are compared are timed in alternation, one window each in turn: a drift then
+hits every run alike and the ratios stay meaningful.
+"""
+
+import time
+
+import keras
+import numpy as np
+
+
+class _Clock(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.stamps = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.stamps.append(time.perf_counter())
+
+
+def fit_window(model, dataset, steps):
+    """A `run_window` for a Keras model: seconds of `steps` training steps.
+
+    One `fit` call of steps + 1 batches, timed from the end of the first batch to the
+    end of the last, so the call's setup is not counted. The compiled step is reused
+    from call to call.
+    """
+    def run_window():
+        clock = _Clock()
+        model.fit(dataset, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[clock])
+        return clock.stamps[-1] - clock.stamps[0]
+
+    return run_window
+
+
+def interleaved_seconds(runs, windows):
+    """{name: array of seconds per window}: one warm-up window each, then `windows`
+    rounds in which every run times one window, in turn."""
+    for run_window in runs.values():
+        run_window()  # traces and warms caches
+    seconds = {name: [] for name in runs}
+    for _ in range(windows):
+        for name, run_window in runs.items():
+            seconds[name].append(run_window())
+    return {name: np.array(values) for name, values in seconds.items()}
+
+
+def median_rate(seconds, examples_per_window):
+    """Examples per second of the median window."""
+    return float(examples_per_window / np.median(seconds))
