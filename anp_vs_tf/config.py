@@ -168,6 +168,8 @@ class RunConfig:
             need(switches["prunes"] or switches["suppress_vulnerability"],
                  f"method {self.method} has nothing of ANP-VS to tune (no masks, no λ); --mode=tune "
                  "searches λ, β, the masks and w_adv: use anp_vs, anp, at_vs or bp.")
+            need(switches["prunes"] or self.min_sparsity == 0,
+                 f"--min_sparsity needs a method with masks; {self.method} prunes nothing.")
         need(self.strategy in STRATEGIES,
              f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         need(not self.devices or self.strategy == "mirrored", "--devices goes with --strategy=mirrored.")

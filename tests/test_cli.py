@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["--mode=tune", "--method=at"], "nothing of ANP-VS to tune"),
     (["--mode=tune", "--validation_examples=0"], "--validation_examples must be > 0"),
     (["--mode=tune", "--tuner=grid"], "tuner"),
+    (["--mode=tune", "--method=at_vs", "--min_sparsity=10"], "prunes nothing"),
 ]
 
 
