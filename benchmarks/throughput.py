@@ -10,6 +10,8 @@ then timed windows of a few steps, the four runs taking turns window by window (
 machine's speed drifts; see timing.py); the median window gives examples/s.
 
   standard  RobustModel "standard": one forward-backward pass
+            (--one_execution_per_window: our three runs compiled with Keras'
+            steps_per_execution = the window's steps)
   at        RobustModel "at": PGD-k on the batch, then (CE(x) + 2 CE(x~)) / 3
   anp_vs    RobustModel "anp_vs": as at, plus masks (their own optimizer), KL and λ·V
   art_at    ART: TensorFlowV2Classifier over the same network (plain, no masks),
@@ -54,14 +56,18 @@ def arrays(case, examples):
     return images[keep].astype("float32") / 255.0, labels[keep].astype("int32"), info
 
 
-def our_model(name, case, input_shape, classes):
+def our_model(name, case, input_shape, classes, steps_per_execution=1):
+    """steps_per_execution > 1 runs that many steps per call of Keras' compiled function,
+    which removes its per-step host work; it does not change what is computed
+    (tests/test_robust_model.py)."""
     keras.utils.set_random_seed(0)
     method = get_method(name, beta_kl=4.0, lambda_vs=1e-3, num_train_examples=50000)
     backbone = models.build_model(case["model"], input_shape, classes, prunable=method.prunes)
     adversary = attacks.PGD(case["eps"], case["step"], case["k"]) if method.adversarial else None
     model = RobustModel(backbone, method, adversary=adversary, seed=0)
     model.compile(keras.optimizers.Adam(1e-3),
-                  mask_optimizer=keras.optimizers.Adam(1e-2) if method.prunes else None)
+                  mask_optimizer=keras.optimizers.Adam(1e-2) if method.prunes else None,
+                  steps_per_execution=steps_per_execution)
     return model
 
 
@@ -96,14 +102,16 @@ def art_window(case, x, y, input_shape, classes):
     return run_window
 
 
-def run_case(name, case):
+def run_case(name, case, one_execution_per_window=False):
     """Every run of the case, timed window by window in turn (see timing.py)."""
     per_window = BATCH * case["steps"]
     x, y, info = arrays(case, per_window * (case["windows"] + 1))
     input_shape, classes = tuple(info["input_shape"]), info["num_classes"]
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(BATCH, drop_remainder=True)
                .prefetch(tf.data.AUTOTUNE))
-    runs = {method: fit_window(our_model(method, case, input_shape, classes), dataset, case["steps"])
+    per_execution = case["steps"] if one_execution_per_window else 1
+    runs = {method: fit_window(our_model(method, case, input_shape, classes, per_execution), dataset,
+                               case["steps"])
             for method in OURS}
     runs["art_at"] = art_window(case, x, y, input_shape, classes)
     seconds = interleaved_seconds(runs, case["windows"])
@@ -121,7 +129,8 @@ def run_case(name, case):
         "anp_vs_over_art_throughput": rates["anp_vs"] / rates["art_at"],
         "anp_vs_over_art_target": 3.0,
     }
-    return {"settings": case, "batch": BATCH, "examples_per_s": rates, "ratios": ratios,
+    return {"settings": case, "batch": BATCH, "steps_per_execution": per_execution,
+            "examples_per_s": rates, "ratios": ratios,
             "window_seconds": {m: s.tolist() for m, s in seconds.items()}}
 
 
@@ -149,6 +158,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--json", default="throughput.json", help="where the results go")
+    parser.add_argument("--one_execution_per_window", action="store_true",
+                        help="compile our runs with steps_per_execution = the window's steps")
     args = parser.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -160,7 +171,8 @@ def main():
                      "pip install adversarial-robustness-toolbox")
     tf.get_logger().setLevel("ERROR")  # ART retraces its train step for every batch, and says so
     start = time.time()
-    results = {name: run_case(name, CASES[name]) for name in args.cases.split(",")}
+    results = {name: run_case(name, CASES[name], args.one_execution_per_window)
+               for name in args.cases.split(",")}
     print(table(results))
     with open(args.json, "w") as f:
         json.dump({"results": results, "wall_time_s": time.time() - start}, f, indent=2)

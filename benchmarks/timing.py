@@ -23,13 +23,18 @@ class _Clock(keras.callbacks.Callback):
 def fit_window(model, dataset, steps):
     """A `run_window` for a Keras model: seconds of `steps` training steps.
 
-    One `fit` call of steps + 1 batches, timed from the end of the first batch to the
-    end of the last, so the call's setup is not counted. The compiled step is reused
-    from call to call.
+    One `fit` call of `steps` more than one execution (Keras' `steps_per_execution`
+    steps, 1 by default), timed from the end of the first execution to the end of the
+    last, so the call's setup is not counted. The compiled step is reused from call
+    to call.
     """
+    per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+    if steps % per_execution:
+        raise ValueError(f"steps ({steps}) must be a multiple of steps_per_execution ({per_execution})")
+
     def run_window():
         clock = _Clock()
-        model.fit(dataset, steps_per_epoch=steps + 1, epochs=1, verbose=0, callbacks=[clock])
+        model.fit(dataset, steps_per_epoch=steps + per_execution, epochs=1, verbose=0, callbacks=[clock])
         return clock.stamps[-1] - clock.stamps[0]
 
     return run_window

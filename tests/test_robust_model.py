@@ -229,3 +229,22 @@ def test_training_runs_under_mirrored_strategy():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
     assert all(np.isfinite(out["loss"]))
+
+
+def test_several_steps_per_execution_train_exactly_like_one(mnist_subset):
+    """Keras' steps_per_execution only removes per-step host work: same seeds, same weights."""
+    x, y, _, _ = mnist_subset
+    dataset = tf.data.Dataset.from_tensor_slices((x[:1280], y[:1280])).batch(64)
+
+    def trained(steps_per_execution):
+        keras.utils.set_random_seed(0)
+        method = get_method("anp_vs", beta_kl=4.0, lambda_vs=1e-3, num_train_examples=6000)
+        model = RobustModel(models.lenet5_caffe(prunable=True), method,
+                            adversary=attacks.PGD(0.3, 0.1, 2), seed=0)
+        model.compile(keras.optimizers.Adam(1e-3), steps_per_execution=steps_per_execution)
+        model.fit(dataset, epochs=1, verbose=0)
+        assert int(model.optimizer.iterations) == 20
+        return [v.numpy() for v in model.weights]
+
+    for a, b in zip(trained(1), trained(10)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
