@@ -14,8 +14,10 @@ from anp_vs_tf.layers.beta_bernoulli import (
 )
 from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.sampling import sampling
+from anp_vs_tf.layers.walk import all_layers
 
 __all__ = [
+    "all_layers",
     "BetaBernoulliDropout",
     "GaussianConv2D",
     "GaussianDense",

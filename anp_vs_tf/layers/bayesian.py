@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from anp_vs_tf.layers.sampling import current_scope
+from anp_vs_tf.layers.walk import all_layers
 
 
 def gaussian_kl(mu, sigma, prior_stddev):
@@ -268,13 +269,7 @@ class GaussianConv2D(_GaussianLayer):
 
 def gaussian_layers(model):
     """All `GaussianDense` and `GaussianConv2D` layers of a model, nested models included, in order."""
-    found = []
-    for layer in getattr(model, "layers", []):
-        if isinstance(layer, _GaussianLayer):
-            found.append(layer)
-        elif hasattr(layer, "layers"):
-            found.extend(gaussian_layers(layer))
-    return found
+    return [layer for layer in all_layers(model) if isinstance(layer, _GaussianLayer)]
 
 
 def total_kl(model):

@@ -15,6 +15,7 @@ import tensorflow_probability as tfp
 
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.layers.sampling import current_scope
+from anp_vs_tf.layers.walk import all_layers
 
 tfd = tfp.distributions
 
@@ -233,10 +234,4 @@ class BetaBernoulliDropout(keras.layers.Layer):
 
 def beta_bernoulli_layers(model):
     """All `BetaBernoulliDropout` layers of a model, nested models included, in order."""
-    found = []
-    for layer in getattr(model, "layers", []):
-        if isinstance(layer, BetaBernoulliDropout):
-            found.append(layer)
-        elif hasattr(layer, "layers"):
-            found.extend(beta_bernoulli_layers(layer))
-    return found
+    return [layer for layer in all_layers(model) if isinstance(layer, BetaBernoulliDropout)]

@@ -7,6 +7,8 @@ methods with the vulnerability term cannot use it.
 
 import numpy as np
 
+from anp_vs_tf.layers.walk import all_layers
+
 
 def split_outputs(outputs):
     """(logits, latents) from a backbone's output."""
@@ -21,13 +23,9 @@ def split_outputs(outputs):
 
 
 def _weighted_layers(model):
-    layers = {}
-    for layer in getattr(model, "layers", []):
-        if hasattr(layer, "layers"):
-            layers.update(_weighted_layers(layer))
-        elif layer.weights:
-            layers[layer.name] = layer
-    return layers
+    """{name: layer} of the layers that own weights (nested models are walked, not listed)."""
+    return {layer.name: layer for layer in all_layers(model)
+            if not hasattr(layer, "layers") and layer.weights}
 
 
 def transfer_weights(source, target):

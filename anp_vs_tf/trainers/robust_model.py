@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
-from anp_vs_tf.layers import beta_bernoulli_layers, gaussian_layers, sampling
+from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
 from anp_vs_tf.trainers.methods import Views, get_method
@@ -65,7 +65,7 @@ class RobustModel(keras.Model):
         self.eval_adversary = eval_adversary
         if fuse_views == "auto":
             fuse_views = not any(
-                isinstance(l, keras.layers.BatchNormalization) for l in _all_layers(backbone)
+                isinstance(l, keras.layers.BatchNormalization) for l in all_layers(backbone)
             )
         self.fuse_views = bool(fuse_views)
         # A concrete seed (drawn from Python's RNG, which keras.utils.set_random_seed
@@ -392,7 +392,3 @@ def _correct(y, logits):
     return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
 
 
-def _all_layers(model):
-    for layer in getattr(model, "layers", []):
-        yield layer
-        yield from _all_layers(layer)
