@@ -1,6 +1,8 @@
 """The evaluation suite: our PGD against cleverhans', transfer and EOT attacks, the
 gradient-masking checks, and the full metrics dict."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -103,14 +105,26 @@ def small_test_set(mnist_subset, n=500):
 
 
 def test_checks_pass_for_a_plain_network(trained_lenet, mnist_subset):
-    checks = gradient_masking.gradient_masking_checks(
-        trained_lenet, small_test_set(mnist_subset), attacks.PGD(0.1, 0.01, 20), examples=500
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checks = gradient_masking.gradient_masking_checks(
+            trained_lenet, small_test_set(mnist_subset), attacks.PGD(0.1, 0.01, 20), examples=500
+        )
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
     assert checks["all_passed"], checks
     assert checks["examples"] == 500
     acc = checks["accuracy_falls_with_eps"]["acc"]
     assert acc[0] > acc[-1]  # eps 0.025 leaves far more than eps 0.2
     assert checks["unbounded_attack_succeeds"]["acc"] <= 0.02
+
+
+def test_checks_run_on_the_first_examples_as_a_data_set_of_known_length(mnist_subset):
+    _, _, x, y = mnist_subset
+    first = gradient_masking._first_examples(small_test_set(mnist_subset), 300, batch_size=200)
+    assert int(first.cardinality()) == 2  # known, so Keras' evaluate() ends without a warning
+    images, labels = zip(*first.as_numpy_iterator())
+    np.testing.assert_array_equal(np.concatenate(images), x[:300])
+    np.testing.assert_array_equal(np.concatenate(labels), y[:300])
 
 
 class ZeroGradient(keras.layers.Layer):

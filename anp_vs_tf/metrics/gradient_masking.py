@@ -14,6 +14,7 @@ Each check is a pure function of the measured numbers (easy to test), and
 """
 
 from absl import logging
+import tensorflow as tf
 
 from anp_vs_tf.metrics.robustness import attack_evaluation
 
@@ -42,7 +43,10 @@ def more_steps_not_weaker(steps, acc, tolerance=TOLERANCE):
 
 
 def _first_examples(dataset, examples, batch_size=500):
-    return dataset.unbatch().take(examples).batch(batch_size)
+    """The first `examples` examples as a data set of known length: Keras' evaluate()
+    warns that a data set of unknown length "ran out of data" when it ends."""
+    first = next(iter(dataset.unbatch().batch(examples)))
+    return tf.data.Dataset.from_tensor_slices(first).batch(batch_size)
 
 
 def gradient_masking_checks(model, dataset, adversary, examples=1000, verbose=0):
