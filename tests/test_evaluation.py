@@ -125,6 +125,8 @@ def test_checks_run_on_the_first_examples_as_a_data_set_of_known_length(mnist_su
     images, labels = zip(*first.as_numpy_iterator())
     np.testing.assert_array_equal(np.concatenate(images), x[:300])
     np.testing.assert_array_equal(np.concatenate(labels), y[:300])
+    with pytest.raises(ValueError, match="empty data set"):
+        gradient_masking._first_examples(small_test_set(mnist_subset).take(0), 300)
 
 
 class ZeroGradient(keras.layers.Layer):
