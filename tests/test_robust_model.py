@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -248,3 +249,16 @@ def test_several_steps_per_execution_train_exactly_like_one(mnist_subset):
 
     for a, b in zip(trained(1), trained(10)):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_fit_on_a_data_set_does_not_warn_about_shuffle(mnist_subset):
+    """A data set comes shuffled; Keras would warn on every fit that shuffle=True is ignored."""
+    x, y, _, _ = mnist_subset
+    dataset = tf.data.Dataset.from_tensor_slices((x[:128], y[:128])).batch(64)
+    model = make_model("standard")
+    model.compile(keras.optimizers.Adam(1e-3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(dataset, epochs=1, verbose=0)
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+    assert int(model.optimizer.iterations) == 2

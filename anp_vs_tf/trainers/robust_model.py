@@ -251,6 +251,11 @@ class RobustModel(keras.Model):
         """
         self.planned_epochs = total_epochs if total_epochs is not None else kwargs.get("epochs", 1)
         callbacks = list(callbacks or []) + list(self.method.callbacks(self))
+        data = args[0] if args else kwargs.get("x")
+        if isinstance(data, tf.data.Dataset):
+            # Keras ignores `shuffle` for a data set (it comes shuffled, as ours do) but
+            # warns about its default True on every call.
+            kwargs.setdefault("shuffle", False)
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def compile(self, optimizer="adam", mask_optimizer=None, **kwargs):
