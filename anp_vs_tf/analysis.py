@@ -10,9 +10,11 @@
                             input of the paper's vulnerability histograms.
 
 Every function runs the deterministic (inference) network and evaluates whole grids or
-batches in one `tf.function` call; the compiled functions take the model and the attack
-as arguments, so each (model, attack) pair is traced once.
+batches in one `tf.function` call, compiled once per model (and traced once per attack).
 """
+
+import functools
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -23,11 +25,37 @@ from anp_vs_tf.metrics.vulnerability import example_vulnerability, feature_vulne
 DEFAULT_RADIUS = 0.3  # the L-infinity budget of the paper's MNIST attacks
 
 
+def _compiled_per_model(fn):
+    """`fn(model, *args)` as one `tf.function` per model.
+
+    A model is a Python argument, so a single tf.function would trace once per model
+    anyway; keeping one per model says so, lets it die with its model, and keeps
+    TensorFlow from warning about "excessive retracing" in a report over many models.
+    """
+    per_model = weakref.WeakKeyDictionary()
+
+    @functools.wraps(fn)
+    def call(model, *args):
+        if model not in per_model:
+            # A partial, not a lambda: TensorFlow counts traces per code object, which
+            # every model's lambda would share. The weak reference keeps the model's
+            # entry collectable.
+            bound = functools.partial(_call_with_model, fn, weakref.ref(model))
+            per_model[model] = tf.function(bound, reduce_retracing=True)
+        return per_model[model](*args)
+
+    return call
+
+
+def _call_with_model(fn, model_ref, *args):
+    return fn(model_ref(), *args)
+
+
 def _stateless_seed(seed, stream):
     return tf.constant([int(seed) % (2**31 - 1), stream], tf.int32)
 
 
-@tf.function(reduce_retracing=True)
+@_compiled_per_model
 def adversarial_examples(model, x, y, adversary, seed):
     """`model.attack` with `adversary`, compiled; `seed` is a stateless seed (shape [2])."""
     return model.attack(x, y, adversary, seed=seed)
@@ -45,7 +73,7 @@ def attack_batch(model, x, y, adversary, seed=0):
 # -- loss surface ------------------------------------------------------------------
 
 
-@tf.function(reduce_retracing=True)
+@_compiled_per_model
 def _gradient_sign(model, x, y):
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -53,7 +81,7 @@ def _gradient_sign(model, x, y):
     return tf.sign(tape.gradient(loss, x))
 
 
-@tf.function(reduce_retracing=True)
+@_compiled_per_model
 def _surface_losses(model, x, y, d_adv, d_rand, coefficients, chunk):
     """Cross-entropy at clip(x + a d_adv + b d_rand) for every (a, b) row of `coefficients`.
 
@@ -119,7 +147,7 @@ def loss_surface(model, x, y, adversary=None, radius=None, resolution=21, seed=0
 # -- saliency of the vulnerability ---------------------------------------------------
 
 
-@tf.function(reduce_retracing=True)
+@_compiled_per_model
 def _vulnerability_gradient(model, x, x_adv):
     _, latents_adv = model.logits_and_latents(x_adv, training=False)
     with tf.GradientTape() as tape:
@@ -155,7 +183,7 @@ def vulnerability_saliency(model, x, x_adv):
 # -- per-feature vulnerability ----------------------------------------------------------
 
 
-@tf.function(reduce_retracing=True)
+@_compiled_per_model
 def _first_layer_sum(model, x, y, adversary, seed):
     x_adv = model.attack(x, y, adversary, seed=seed)
     z = model.logits_and_latents(x, training=False)[1][0]

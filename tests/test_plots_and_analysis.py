@@ -243,3 +243,36 @@ def test_write_run_plots_without_masks(trained_lenet, mnist_subset, tmp_path, un
     assert sorted(p.name for p in paths) == ["feature_vulnerability.png", "loss_surface.png", "saliency.png"]
     for path in paths:
         assert_png(path)
+
+
+def test_analyses_compile_once_per_model_without_retracing_warnings(mnist_subset):
+    """A report over many models traces each once; TensorFlow must not call that excessive
+    retracing, and a compiled analysis must not keep its model alive."""
+    import gc
+    import logging
+    import weakref
+
+    _, _, x, y = mnist_subset
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf_logger = tf.get_logger()
+    tf_logger.addHandler(handler)
+    try:
+        x_adv = []
+        for seed in range(6):
+            keras.utils.set_random_seed(seed)
+            model = RobustModel(models.lenet5_caffe(), "standard")
+            x_adv.append(analysis.attack_batch(model, x[:8], y[:8], FAST_PGD, seed=0))
+            np.testing.assert_allclose(  # the same model's second call: the same attack
+                analysis.attack_batch(model, x[:8], y[:8], FAST_PGD, seed=0), x_adv[-1]
+            )
+    finally:
+        tf_logger.removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()]
+    assert not np.allclose(x_adv[0], x_adv[1])  # each call attacked its own model
+
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None
