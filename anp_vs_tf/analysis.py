@@ -35,20 +35,20 @@ def _compiled_per_model(fn):
     per_model = weakref.WeakKeyDictionary()
 
     @functools.wraps(fn)
-    def call(model, *args):
+    def call(model, *args, **kwargs):
         if model not in per_model:
             # A partial, not a lambda: TensorFlow counts traces per code object, which
             # every model's lambda would share. The weak reference keeps the model's
             # entry collectable.
             bound = functools.partial(_call_with_model, fn, weakref.ref(model))
             per_model[model] = tf.function(bound, reduce_retracing=True)
-        return per_model[model](*args)
+        return per_model[model](*args, **kwargs)
 
     return call
 
 
-def _call_with_model(fn, model_ref, *args):
-    return fn(model_ref(), *args)
+def _call_with_model(fn, model_ref, *args, **kwargs):
+    return fn(model_ref(), *args, **kwargs)
 
 
 def _stateless_seed(seed, stream):

@@ -267,6 +267,11 @@ def test_analyses_compile_once_per_model_without_retracing_warnings(mnist_subset
             np.testing.assert_allclose(  # the same model's second call: the same attack
                 analysis.attack_batch(model, x[:8], y[:8], FAST_PGD, seed=0), x_adv[-1]
             )
+        np.testing.assert_allclose(  # keyword arguments reach the compiled function too
+            analysis.adversarial_examples(model, tf.constant(x[:8]), tf.constant(y[:8]), FAST_PGD,
+                                          seed=analysis._stateless_seed(0, 1)).numpy(),
+            x_adv[-1],
+        )
     finally:
         tf_logger.removeHandler(handler)
     assert not [r for r in records if "retracing" in r.getMessage()]
