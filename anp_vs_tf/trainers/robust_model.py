@@ -395,5 +395,3 @@ def _for_keras(logs):
 
 def _correct(y, logits):
     return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(y, tf.int32)), tf.float32)
-
-
