@@ -151,7 +151,7 @@ def test_a_short_run_writes_metrics_and_evaluates_again(tmp_path, data_dir):
     assert set(metrics["sanity"]) >= {"accuracy_falls_with_eps", "unbounded_attack_succeeds", "all_passed"}
     assert 0 <= metrics["fgsm_acc"] <= 1
     assert metrics["num_examples"] == 300 and 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1
-    assert set(metrics["n_active"]) == {"conv1_bbd", "conv2_bbd", "dense1_bbd"}
+    assert set(metrics["n_active"]) == {"conv1_bbd", "conv2_bbd", "flatten_bbd", "dense1_bbd"}
     assert base["method"] == "standard" and base["sparsity_pct"] == 0.0
     assert "| ANP-VS |" in result.stdout and "| Standard (base) |" in result.stdout
     for name in ("model.keras", "config.json", "checkpoints/checkpoint", "base/model.keras",

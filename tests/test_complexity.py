@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from anp_vs_tf.layers import BetaBernoulliDropout
+from anp_vs_tf.layers import BetaBernoulliDropout, SelectFeatures
 from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.models.zoo import build_model
 
@@ -50,7 +50,7 @@ def test_lenet5_caffe_dense():
     prunable = build_model("lenet5_caffe", prunable=True)
     assert LENET5_PARAMS == 431_080 and LENET5_FLOPS == 4_631_170
     assert LENET5_PARAMS == plain.count_params()
-    assert LENET5_PARAMS == prunable.count_params() - 2 * (20 + 50 + 500)
+    assert LENET5_PARAMS == prunable.count_params() - 2 * (20 + 50 + 800 + 500)
     for model in (plain, prunable):
         c = complexity(model)
         assert (c.params_dense, c.params_kept) == (LENET5_PARAMS, LENET5_PARAMS)
@@ -59,15 +59,17 @@ def test_lenet5_caffe_dense():
         assert c.flops_speedup == 1.0 and c.params_kept_pct == 100.0 and c.memory_pct == 100.0
         assert c.sparsity_pct == 0.0
     assert complexity(plain).n_units == {}
-    assert complexity(prunable).n_units == {"conv1_bbd": 20, "conv2_bbd": 50, "dense1_bbd": 500}
+    assert complexity(prunable).n_units == {"conv1_bbd": 20, "conv2_bbd": 50, "flatten_bbd": 800, "dense1_bbd": 500}
 
 
-# conv1 keeps 5 of 20, conv2 10 of 50, dense1 100 of 500 (scattered indices).
-LENET5_KEEP = {"conv1_bbd": range(0, 20, 4), "conv2_bbd": range(0, 50, 5), "dense1_bbd": range(0, 500, 5)}
+# conv1 keeps 5 of 20, conv2 10 of 50, dense1 100 of 500 (scattered indices); the mask on
+# the flattened map (index = position * 50 + channel) keeps the first 8 of 16 positions.
+LENET5_KEEP = {"conv1_bbd": range(0, 20, 4), "conv2_bbd": range(0, 50, 5), "flatten_bbd": range(400),
+               "dense1_bbd": range(0, 500, 5)}
 LENET5_PRUNED_PARAMS = (
     5 * 5 * 1 * 5 + 5  # conv1
     + 5 * 5 * 5 * 10 + 10  # conv2
-    + (4 * 4 * 10) * 100 + 100  # dense1: the flatten keeps 4*4 positions of 10 channels
+    + (8 * 10) * 100 + 100  # dense1: 10 channels at 8 of the 4*4 positions
     + 100 * 10 + 10  # logits
 )
 LENET5_PRUNED_FLOPS = (
@@ -75,7 +77,7 @@ LENET5_PRUNED_FLOPS = (
     + 2 * 2 * 12 * 12 * 5
     + 2 * 5 * 5 * 5 * 10 * 8 * 8 + 10 * 8 * 8 + 10 * 8 * 8
     + 2 * 2 * 4 * 4 * 10
-    + 2 * 160 * 100 + 100 + 100
+    + 2 * 80 * 100 + 100 + 100
     + 2 * 100 * 10 + 10
 )
 LENET5_PRUNED_ACTIVATIONS = 28 * 28 + 24 * 24 * 5 + 12 * 12 * 5 + 8 * 8 * 10 + 4 * 4 * 10 + 100 + 10
@@ -91,9 +93,9 @@ def check_pruned_lenet5(c):
     assert c.memory_pct == pytest.approx(
         100 * (LENET5_PRUNED_PARAMS + LENET5_PRUNED_ACTIVATIONS) / (LENET5_PARAMS + LENET5_ACTIVATIONS)
     )
-    assert c.sparsity_pct == pytest.approx(100 * (1 - 115 / 570))
-    assert c.n_active == {"conv1_bbd": 5, "conv2_bbd": 10, "dense1_bbd": 100}
-    assert c.layer("dense1").units_in == (800, 160)
+    assert c.sparsity_pct == pytest.approx(100 * (1 - (5 + 10 + 400 + 100) / 1370))
+    assert c.n_active == {"conv1_bbd": 5, "conv2_bbd": 10, "flatten_bbd": 400, "dense1_bbd": 100}
+    assert c.layer("dense1").units_in == (800, 80)
     assert c.layer("conv2").units_in == (20, 5) and c.layer("conv2").units_out == (50, 10)
     assert c.layer("logits").units_out == (10, 10)
 
@@ -106,12 +108,12 @@ def test_lenet5_caffe_pruned():
     check_pruned_lenet5(c)
     summary = json.loads(json.dumps(c.to_dict()))
     assert summary["params_kept"] == LENET5_PRUNED_PARAMS
-    assert summary["n_active"] == {"conv1_bbd": 5, "conv2_bbd": 10, "dense1_bbd": 100}
+    assert summary["n_active"] == {"conv1_bbd": 5, "conv2_bbd": 10, "flatten_bbd": 400, "dense1_bbd": 100}
     for key in ("params_dense", "flops_dense", "flops_kept", "flops_speedup", "params_kept_pct",
                 "memory_pct", "sparsity_pct", "n_units"):
         assert key in summary
     table = c.format_table()
-    assert "dense1" in table and "160/800" in table and f"{LENET5_PRUNED_FLOPS:,}" in table
+    assert "dense1" in table and "80/800" in table and f"{LENET5_PRUNED_FLOPS:,}" in table
 
 
 def test_model_built_under_a_distribution_strategy():
@@ -270,6 +272,19 @@ def test_flatten_maps_channels_in_channel_last_order():
     assert c.layer("c").units_out == (3, 1)
 
 
+def test_select_features_needs_only_the_channels_it_selects():
+    x = keras.Input((2, 2, 3))
+    h = keras.layers.Flatten(name="flatten")(keras.layers.Conv2D(3, 1, name="c")(x))
+    h = SelectFeatures([1, 4, 7, 10], name="select")(h)  # channel 1 at each of the 4 positions
+    model = keras.Model(x, keras.layers.Dense(2, name="out")(h))
+    c = complexity(model)
+    # Channels 0 and 2 reach nothing: not needed, so not deployed (with or without masks).
+    assert c.layer("c").units_out == (1, 1)
+    assert c.layer("c").params_kept == 3 * 1 + 1 and c.layer("c").flops_kept == (2 * 3 + 1) * 4
+    assert c.layer("select").activations_kept == 0 and c.layer("select").flops_kept == 0
+    assert c.layer("out").units_in == (4, 4) and c.layer("out").params_kept == 4 * 2 + 2
+
+
 def test_strides_dilation_and_an_activation_that_revives_pruned_units():
     x = keras.Input((9, 9, 2))
     h = keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False, name="c1")(x)  # 5x5
@@ -317,3 +332,13 @@ def test_gaussian_layers_count_a_mean_and_a_scale_per_weight():
         100 * (2 * plain.params_kept + plain.activations_kept) / (plain.params_dense + plain.activations_dense)
     )
     assert 190 < bayesian.memory_pct < 200
+
+
+def test_select_features_round_trips_and_checks_its_indices():
+    layer = SelectFeatures([2, 0], name="pick")
+    np.testing.assert_array_equal(layer(np.array([[5.0, 6.0, 7.0]])), [[7.0, 5.0]])
+    assert SelectFeatures.from_config(layer.get_config()).indices == [2, 0]
+    with pytest.raises(ValueError, match="index 3 is out of range for 3 features"):
+        SelectFeatures([3])(keras.Input((3,)))
+    with pytest.raises(ValueError, match="non-empty"):
+        SelectFeatures([])

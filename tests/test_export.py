@@ -15,13 +15,14 @@ from tensorflow.core.protobuf import saved_model_pb2
 from anp_vs_tf import attacks, data, models
 from anp_vs_tf.config import ConfigError
 from anp_vs_tf.export import compact, export, export_file
-from anp_vs_tf.layers import BetaBernoulliDropout, beta_bernoulli_layers
+from anp_vs_tf.layers import BetaBernoulliDropout, SelectFeatures, beta_bernoulli_layers
 from anp_vs_tf.metrics import complexity
 from anp_vs_tf.trainers import RobustModel, get_method
 
 PLAIN_LAYERS = (
     keras.layers.InputLayer, keras.layers.Normalization, keras.layers.Conv2D, keras.layers.Dense,
     keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.MaxPooling2D, keras.layers.Flatten,
+    SelectFeatures,
 )
 MASK_OPS = {"Softplus", "GreaterEqual"}  # computing E_q[pi] and thresholding it
 PY_FUNC_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
@@ -30,7 +31,7 @@ PY_FUNC_OPS = {"PyFunc", "EagerPyFunc", "PyFuncStateless"}
 def set_masks(layer, keep, rng):
     """Prune every unit of `layer` but `keep`; the kept ones get varied mask values E_q[pi]."""
     pruned = np.setdiff1d(np.arange(layer.units), keep)
-    a_uc, b_uc = rng.uniform(-1.0, 2.0, layer.units), rng.uniform(-0.5, 1.5, layer.units)
+    a_uc, b_uc = rng.uniform(1.0, 4.0, layer.units), rng.uniform(-1.0, 0.5, layer.units)  # E_q[pi] 0.57-0.91
     a_uc[pruned], b_uc[pruned] = -10.0, 1.0  # E_q[pi] ~ a^b: below the threshold needs b >~ 1
     layer.a_uc.assign(a_uc.astype("float32"))
     layer.b_uc.assign(b_uc.astype("float32"))
@@ -55,6 +56,8 @@ def check_compact(masked, small, x):
     active = {layer.name[: -len("_bbd")]: int(layer.num_active()) for layer in masked.mask_layers}
     for name, units in active.items():
         new = small.get_layer(name)
+        if isinstance(new, keras.layers.Flatten):  # its mask's pruned features are checked by the caller
+            continue
         assert (new.filters if isinstance(new, keras.layers.Conv2D) else new.units) == units
     dense, kept = complexity(masked.backbone), complexity(small)
     assert (kept.params_dense, kept.flops_dense) == (dense.params_kept, dense.flops_kept)
@@ -88,7 +91,8 @@ def pruned_lenet(trained_lenet, mnist_subset):
     model = RobustModel(backbone, method, adversary=attacks.PGD(0.3, 0.1, 2), seed=1)
     model.compile(keras.optimizers.Adam(1e-3))
     model.fit(x[:1280], y[:1280], batch_size=128, epochs=1, verbose=0)
-    prune_fraction(backbone, {"conv1_bbd": 0.7, "conv2_bbd": 0.6, "dense1_bbd": 0.4}, np.random.default_rng(0))
+    prune_fraction(backbone, {"conv1_bbd": 0.7, "conv2_bbd": 0.6, "flatten_bbd": 0.5, "dense1_bbd": 0.4},
+                   np.random.default_rng(0))
     return model
 
 
@@ -97,9 +101,19 @@ def test_compact_lenet_equals_masked_model(pruned_lenet, mnist_subset):
     small = compact(pruned_lenet)
     check_compact(pruned_lenet, small, x_test)
     assert [layer.name for layer in small.layers] == [
-        "image", "conv1", "pool1", "conv2", "pool2", "flatten", "dense1", "logits"
+        "image", "conv1", "pool1", "conv2", "pool2", "flatten", "flatten_kept", "dense1", "logits"
     ]
-    assert small.get_layer("dense1").kernel.shape == (4 * 4 * 30, 200)
+    # dense1 reads the flattened features (index = position * 50 + channel) that both
+    # conv2's mask and the mask on the flattened map keep.
+    backbone = pruned_lenet.backbone
+    channels = backbone.get_layer("conv2_bbd").active_mask().numpy()
+    features = backbone.get_layer("flatten_bbd").active_mask().numpy()
+    rows = int(np.sum(features & np.tile(channels, 4 * 4)))
+    assert 0 < rows < 4 * 4 * 30
+    assert small.get_layer("dense1").kernel.shape == (rows, 200)
+    again = compact(small)  # a compact model is its own compact form
+    assert [layer.get_config() for layer in again.layers[1:]] == [layer.get_config() for layer in small.layers[1:]]
+    np.testing.assert_allclose(again.predict(x_test, verbose=0), small.predict(x_test, verbose=0), atol=1e-5)
     accuracy = np.mean(np.argmax(small.predict(x_test, verbose=0), -1) == mnist_subset[3])
     assert accuracy > 0.5  # a real network, not a constant
 

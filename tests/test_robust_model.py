@@ -52,7 +52,7 @@ def test_each_optimizer_moves_only_its_own_variables(mnist_subset, frozen):
         assert not any(weights_moved) and all(masks_moved)
     else:
         assert all(weights_moved) and not any(masks_moved)
-    assert len(model.mask_variables) == 2 * 3
+    assert len(model.mask_variables) == 2 * 4  # a and b of conv1, conv2, flatten, dense1
     assert len(model.weight_variables) == 8  # kernels and biases of conv1, conv2, dense1, logits
 
 

@@ -19,7 +19,9 @@ exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv`, VG
 Pruned units are dropped at both ends: the producer keeps kernel[..., kept], bias[kept]
 and each BatchNormalization keeps gamma, beta and moving statistics [kept]; the
 consumer keeps kernel[..., kept_in, :] (after Flatten: every position of a kept
-channel). Dropout and mask layers disappear; the compact model outputs the logits only.
+channel, less the (channel, position) features a mask on the flattened map pruned,
+which `SelectFeatures` drops right after the Flatten). Dropout and mask layers
+disappear; the compact model outputs the logits only.
 """
 
 import keras
@@ -27,6 +29,7 @@ import numpy as np
 
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
 from anp_vs_tf.layers.input_conv import InputConv2D
+from anp_vs_tf.layers.select_features import SelectFeatures
 from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
 
 L = keras.layers
@@ -106,7 +109,20 @@ class _Builder:
             return x, scale
         if isinstance(layer, L.Flatten):
             positions = len(kept_out) // len(kept_in)
-            return _copy(layer)(x), None if scale is None else np.tile(scale, positions)
+            y = _copy(layer)(x)
+            # x holds the kept channels at every position; a mask on the flattened
+            # features may have pruned some (channel, position) pairs as well.
+            present = np.tile(kept_in, positions)
+            if not np.array_equal(kept_out, present):
+                y = SelectFeatures(np.flatnonzero(kept_out[present]), name=f"{layer.name}_kept")(y)
+            return y, None if scale is None else np.tile(scale, positions)
+        if isinstance(layer, SelectFeatures):  # compacting a compact model
+            wanted = np.asarray(layer.indices)[kept_out]  # input features the kept outputs read
+            indices = np.searchsorted(np.flatnonzero(kept_in), wanted)
+            scale = None if scale is None else scale[layer.indices]
+            if np.array_equal(indices, np.arange(int(kept_in.sum()))):  # the Flatten selected them
+                return x, scale
+            return SelectFeatures(indices, name=layer.name)(x), scale
         if not np.array_equal(kept_in, kept_out):
             raise ValueError(f"{layer.name} ({type(layer).__name__}) changes which units are kept; not supported.")
         if type(layer) is L.BatchNormalization:
@@ -130,7 +146,7 @@ class _Builder:
         raise ValueError(
             f"{layer.name} ({type(layer).__name__}) is not supported by compact(); supported: "
             "InputLayer, Normalization, Rescaling, Conv2D, Dense, BatchNormalization, ReLU, "
-            "Activation, pooling, Flatten, Dropout, BetaBernoulliDropout."
+            "Activation, pooling, Flatten, SelectFeatures, Dropout, BetaBernoulliDropout."
         )
 
     @staticmethod

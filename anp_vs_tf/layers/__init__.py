@@ -14,6 +14,7 @@ from anp_vs_tf.layers.beta_bernoulli import (
 )
 from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.sampling import sampling
+from anp_vs_tf.layers.select_features import SelectFeatures
 from anp_vs_tf.layers.walk import all_layers
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GaussianConv2D",
     "GaussianDense",
     "InputConv2D",
+    "SelectFeatures",
     "beta_bernoulli_layers",
     "concrete_sample",
     "gaussian_kl",

@@ -12,7 +12,8 @@ of the last axis (a neuron, or a channel of a channel-last map) whether it is
     needed: reaches the logits. Conv2D / Dense need all their inputs iff any output
             is needed; a BetaBernoulliDropout needs `output needed AND active_mask`;
             Add hands its output's needs to every input; the other layers pass needs
-            back unchanged (Flatten: a channel is needed if any of its positions is).
+            back unchanged (Flatten: a channel is needed if any of its positions is;
+            SelectFeatures: only the selected features, as needed as their outputs).
 
 A unit is *effective* (deployed) iff alive AND needed; all costs count effective units
 only. "Needed" starts from the `logits` entry when the model outputs a dict that has
@@ -34,7 +35,7 @@ H, W the output's spatial size:
     MaxPooling2D, AveragePooling2D  Kh*Kw FLOPs per output element.
     GlobalAverage/MaxPooling2D  H*W FLOPs per channel (input size).
     Add         1 FLOP per output element per extra input.
-    Flatten, Dropout, InputLayer  nothing.
+    Flatten, Dropout, InputLayer, SelectFeatures  nothing.
     BetaBernoulliDropout  nothing: its parameters are training-only and its
                 inference mask folds into the previous layer's weights.
     GaussianConv2D, GaussianDense  as Conv2D / Dense for one weight draw, plus 3 FLOPs
@@ -43,8 +44,8 @@ H, W the output's spatial size:
                 the deterministic layers they replace, so a Bayesian network's memory
                 is about 200% of the plain one (FLOPs are per weight draw).
 
-Activation memory: output elements of every layer but Flatten, Dropout and
-BetaBernoulliDropout (views or folded away), the input included; a count of floats.
+Activation memory: output elements of every layer but Flatten, Dropout, SelectFeatures
+and BetaBernoulliDropout (views or folded away), the input included; a count of floats.
 "Dense" totals are the same architecture with every Beta-Bernoulli unit kept.
 """
 
@@ -56,6 +57,7 @@ import numpy as np
 
 from anp_vs_tf.layers.bayesian import GaussianConv2D, GaussianDense
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
+from anp_vs_tf.layers.select_features import SelectFeatures
 
 L = keras.layers
 
@@ -75,9 +77,9 @@ _CHANNELWISE = (
 )
 _GAUSSIAN = (GaussianConv2D, GaussianDense)
 _LINEAR = (L.Conv2D, L.Dense) + _GAUSSIAN
-_SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout) + _LINEAR + _CHANNELWISE
+_SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout, SelectFeatures) + _LINEAR + _CHANNELWISE
 # Outputs that are views or fold away at deployment: no activation memory of their own.
-_NO_MEMORY = (L.Flatten, L.Dropout, BetaBernoulliDropout)
+_NO_MEMORY = (L.Flatten, L.Dropout, BetaBernoulliDropout, SelectFeatures)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +299,8 @@ def _forward(node, alive_in, graph, masks):
         return np.logical_or.reduce(alive_in)
     if isinstance(layer, L.Flatten):  # (..., C) -> (positions * C,), channel-last order
         return np.tile(alive_in[0], _units(out) // len(alive_in[0]))
+    if isinstance(layer, SelectFeatures):
+        return alive_in[0][layer.indices]
     return alive_in[0]
 
 
@@ -309,6 +313,10 @@ def _backward(node, needed_out, masks):
         return [needed_out & masks[id(layer)]]
     if isinstance(layer, L.Flatten):
         return [needed_out.reshape(-1, _units(inputs[0])).any(axis=0)]
+    if isinstance(layer, SelectFeatures):
+        needed_in = np.zeros(_units(inputs[0]), bool)
+        np.logical_or.at(needed_in, layer.indices, needed_out)
+        return [needed_in]
     return [needed_out] * len(inputs)
 
 
@@ -388,7 +396,7 @@ def _cost(layer, ins, out, channels, reference=False):
         return 0, ins[0].positions * out.units
     if isinstance(layer, L.Add):
         return 0, (len(ins) - 1) * out.elements
-    return 0, 0  # InputLayer, Flatten, Dropout, BetaBernoulliDropout
+    return 0, 0  # InputLayer, Flatten, Dropout, BetaBernoulliDropout, SelectFeatures
 
 
 def _layer_costs(graph, effective, reference=False):

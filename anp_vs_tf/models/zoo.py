@@ -3,7 +3,10 @@
 A backbone maps images to `{"logits": ..., "latents": [z_1, ..., z_L]}`, where z_l is
 the post-activation output of hidden layer l. With `prunable=True` a
 `BetaBernoulliDropout` follows every hidden activation and z_l is its (masked)
-output, so a pruned unit is a feature with zero vulnerability. With `bayesian=True`
+output, so a pruned unit is a feature with zero vulnerability. LeNet-5-Caffe also
+masks the 800 flattened features that feed its dense layer, as the authors' network
+does: 20 + 50 + 800 + 500 = 1370 prunable units, and pruning one of the 800 removes a
+row of the largest kernel (800 x 500 of the 431k weights). With `bayesian=True`
 the convolutions and dense layers have mean-field Gaussian weights (AT BNN).
 
 Layer names are the same with and without the masks ("conv1", "dense1", "logits",
@@ -29,9 +32,14 @@ class _Hidden:
         self.latents = []
 
     def __call__(self, x, name):
+        x = self.mask(x, name)
+        self.latents.append(x)
+        return x
+
+    def mask(self, x, name):
+        """x, masked when prunable; not a latent feature (e.g. a flattened feature map)."""
         if self.prunable:
             x = BetaBernoulliDropout(name=f"{name}_bbd", **self.mask_kwargs)(x)
-        self.latents.append(x)
         return x
 
     def outputs(self, logits):
@@ -77,14 +85,17 @@ def lenet_300_100(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_
 
 def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_kwargs=None,
                  bayesian_kwargs=None):
-    """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, dense 500, dense classes."""
+    """LeNet-5-Caffe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, dense 500, dense classes.
+
+    Prunable: masks on conv1, conv2, the 800 flattened features and dense1.
+    """
     hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
     x = hidden(make.conv(20, 5, "conv1", activation="relu", on_input=True)(inputs), "conv1")
     x = keras.layers.MaxPooling2D(2, name="pool1")(x)
     x = hidden(make.conv(50, 5, "conv2", activation="relu")(x), "conv2")
     x = keras.layers.MaxPooling2D(2, name="pool2")(x)
-    x = keras.layers.Flatten(name="flatten")(x)
+    x = hidden.mask(keras.layers.Flatten(name="flatten")(x), "flatten")
     x = hidden(make.dense(500, "dense1", activation="relu")(x), "dense1")
     logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="lenet5_caffe")
