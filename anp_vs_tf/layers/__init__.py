@@ -11,6 +11,7 @@ from anp_vs_tf.layers.beta_bernoulli import (
     beta_bernoulli_layers,
     concrete_sample,
     kumaraswamy_beta_kl,
+    kumaraswamy_sample,
 )
 from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.sampling import sampling
@@ -29,6 +30,7 @@ __all__ = [
     "gaussian_kl",
     "gaussian_layers",
     "kumaraswamy_beta_kl",
+    "kumaraswamy_sample",
     "sampling",
     "total_kl",
 ]
