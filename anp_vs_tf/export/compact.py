@@ -13,8 +13,9 @@ non-negative per-channel scale: ReLU (max_value None, threshold 0), max / averag
 global pooling, Flatten (the scale repeats at every position of its channel), Dropout
 and another mask. Anything else between a mask and its consumer (BatchNormalization,
 Normalization, a non-ReLU activation, the model output) raises ValueError. This is
-exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv`, VGG
-`Conv -> BN -> ReLU -> mask -> [pool] -> Conv`, dense `Dense -> [BN] -> ReLU -> mask -> Dense`.
+exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv` and
+`pool -> Flatten -> mask -> Dense`, VGG `Conv -> BN -> ReLU -> mask -> [pool] -> Conv`,
+dense `Dense -> [BN] -> ReLU -> mask -> Dense`.
 
 Pruned units are dropped at both ends: the producer keeps kernel[..., kept], bias[kept]
 and each BatchNormalization keeps gamma, beta and moving statistics [kept]; the
