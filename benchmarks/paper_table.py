@@ -73,9 +73,9 @@ class _StepTimes(keras.callbacks.Callback):
 def calibrate(base, splits, steps=20, warmup=3):
     """Seconds per training epoch of every method, and per PGD-40 evaluation pass.
 
-    The median step of one fit, after the warm-up steps that trace: the total of a
-    separately timed fit was twice the training speed for anp_vs and at_bnn in the
-    third table run, and the plan gave away a quarter of the budget.
+    The median step of one fit, after the warm-up steps that trace. A separately timed
+    fit read anp_vs and at_bnn at twice their training time in the third table run,
+    and the plan it made left a quarter of the budget unused.
     """
     per_epoch = {}
     batches = math.ceil(splits.info.num_train / base.batch_size)
