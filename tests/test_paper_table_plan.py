@@ -1,0 +1,47 @@
+"""The paper-table benchmark's planner: step timing that tracing cannot skew, and an epoch
+count that fits the budget (hand-computed), or one clear line when nothing fits."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table.py"
+
+
+@pytest.fixture(scope="module")
+def paper_table():
+    spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_step_skips_tracing_and_outliers(paper_table, monkeypatch):
+    # Three tracing steps of 5 s, then 0.1 s steps with one 3 s stall.
+    durations = [5.0, 5.0, 5.0, 0.1, 0.1, 3.0, 0.1, 0.1]
+    clock = iter([0.0] + [sum(durations[: i + 1]) for i in range(len(durations))])
+    monkeypatch.setattr(paper_table.time, "perf_counter", lambda: next(clock))
+    timer = paper_table._StepTimes()
+    timer.on_train_begin()
+    for step in range(len(durations)):
+        timer.on_train_batch_end(step)
+    assert timer.median_step(skip=3) == pytest.approx(0.1)
+    assert timer.median_step(skip=0) == pytest.approx(3.0)  # what timing the whole fit would see
+
+
+def test_plan_is_the_largest_epoch_count_within_budget(paper_table):
+    per_epoch = {name: 10.0 for name in paper_table.METHODS}  # + the source trains like standard
+    pgd40_pass, bnn_samples = 20.0, 10
+    # By hand: 19 evaluated models x 2.4 PGD-40 passes x 20 s = 912 s of evaluation;
+    # one epoch of all 11 models = 110 s; (7200 / 1.15 - 912) / 110 = 48.6 -> 48 epochs.
+    epochs = paper_table.plan_epochs(7200.0, per_epoch, pgd40_pass, bnn_samples)
+    assert epochs == 48
+    spent = (epochs * 110.0 + 912.0) * paper_table.SAFETY
+    assert spent <= 7200.0 < ((epochs + 1) * 110.0 + 912.0) * paper_table.SAFETY
+
+
+def test_a_budget_without_room_for_one_epoch_says_what_to_do(paper_table):
+    per_epoch = {name: 100.0 for name in paper_table.METHODS}
+    with pytest.raises(SystemExit, match="raise --budget_minutes or use --train_subset"):
+        paper_table.plan_epochs(600.0, per_epoch, 20.0, 10)
