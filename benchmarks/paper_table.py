@@ -15,11 +15,16 @@
 Every method shares the paper's settings (eps, w_adv 2, Adam lr 1e-3 and mask lr 1e-2,
 weight decay) except what the budget forces: the training attack is PGD-3 with step 0.15
 (evaluation stays PGD-40, step 0.01) and the learning rates drop x0.1 at 60% and 85% of
-the E epochs. Three settings differ from the paper's MNIST ones because the schedule is
+the E epochs. Two settings differ from the paper's MNIST ones because the schedule is
 short (see the closing notes of issue 4 for the runs behind them): the masks start at
-a = 10 (E[pi] = 0.91, little dropout noise while the pretrained features adapt), beta =
-15 so that they prune within E epochs, and lambda = 1 for both VS methods (at the
-paper's 1e-3 the VS term is ~1e-5 of the loss here and does nothing in a short run).
+a = 10 (E[pi] = 0.91, little dropout noise while the pretrained features adapt), and
+lambda = 1 for both VS methods (at the paper's 1e-3 the VS term is ~1e-5 of the loss
+here and does nothing in a short run). beta is the paper's 4. Earlier runs used 15 to
+prune more in few epochs; the dense layers' kept units then still dropped out a median
+29-36% of the time in training, and ANP-VS trailed AT by ~1 point of robust accuracy.
+On 5k held-out training images (never the test set; 21 epochs, PGD-40), beta = 4 / 8
+gave ANP-VS 94.68 / 94.18% robust accuracy against AT's 94.62%, pruning 33 / 46% of
+the units.
 A method whose run directory already holds metrics.json is not run again, so an
 interrupted benchmark resumes where it stopped.
 """
@@ -50,7 +55,7 @@ def settings(dataset, out_dir, epochs, train_subset, test_subset):
     """The RunConfig every method starts from."""
     return RunConfig(
         dataset=dataset, epochs=epochs, batch_size=128, pgd_steps=3, step_size=0.15,
-        lr_decay_at=(0.6, 0.85), mask_a_init=10.0, beta_kl=15.0, lambda_vs=1.0, eval_batch_size=2000,
+        lr_decay_at=(0.6, 0.85), mask_a_init=10.0, beta_kl=4.0, lambda_vs=1.0, eval_batch_size=2000,
         sanity_examples=500, train_subset=train_subset, test_subset=test_subset,
         out_dir=out_dir, verbose=2,
     )
