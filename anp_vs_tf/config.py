@@ -82,6 +82,7 @@ class RunConfig:
     bnn_prior_stddev: Optional[float] = None
     bnn_init_rho: Optional[float] = None
     seed: int = 0
+    mixed_precision: bool = False
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     bb_source: Optional[str] = None

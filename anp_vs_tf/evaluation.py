@@ -11,6 +11,7 @@ from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.metrics.gradient_masking import gradient_masking_checks
 from anp_vs_tf.metrics.robustness import attack_evaluation
 from anp_vs_tf.models.backbone import split_outputs
+from anp_vs_tf.precision import float32_copy
 
 
 def latent_names(backbone):
@@ -53,7 +54,12 @@ def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_sa
         vulnerability_{wb,bb} with per-layer and per-feature values, sanity checks,
         the complexity figures (sparsity_pct, n_active, params_kept_pct, memory_pct,
         flops_speedup, raw counts), the attack settings and the number of examples.
+
+    A model trained in mixed precision is measured as its float32 copy (see
+    `anp_vs_tf.precision`), and so is the black-box source.
     """
+    model = float32_copy(model)
+    bb_source = float32_copy(bb_source) if bb_source is not None else None
     names = latent_names(model.backbone)
     white_box = attack_evaluation(model, dataset, adversary, verbose=verbose)
     metrics = {

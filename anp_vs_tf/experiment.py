@@ -12,6 +12,7 @@
 The CLI calls `run(config)`; the steps below are what a user's own script would do.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ import zipfile
 
 import keras
 
-from anp_vs_tf import attacks, checkpointing, data, distribute, evaluation, report
+from anp_vs_tf import attacks, checkpointing, data, distribute, evaluation, precision, report
 from anp_vs_tf.config import ConfigError, RunConfig
 from anp_vs_tf.models import build_model, check_input_shape, transfer_weights
 from anp_vs_tf.trainers import RobustModel, get_method
@@ -134,17 +135,20 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         bnn_kl_weight=config.bnn_kl_weight,
         bnn_samples=config.bnn_samples,
     )
-    backbone = build_model(
-        config.model,
-        info.input_shape,
-        info.num_classes,
-        prunable=method.prunes,
-        mask_kwargs=dict(a_init=config.mask_a_init, b_init=config.mask_b_init, seed=config.seed),
-        bayesian_kwargs=(
-            dict(prior_stddev=config.bnn_prior_stddev, init_rho=config.bnn_init_rho, seed=config.seed)
-            if method.bayesian else None
-        ),
-    )
+    # The layers take the policy they are created under; the float32 default is left alone.
+    mixed = precision.dtype_policy(precision.MIXED_POLICY) if config.mixed_precision else contextlib.nullcontext()
+    with mixed:
+        backbone = build_model(
+            config.model,
+            info.input_shape,
+            info.num_classes,
+            prunable=method.prunes,
+            mask_kwargs=dict(a_init=config.mask_a_init, b_init=config.mask_b_init, seed=config.seed),
+            bayesian_kwargs=(
+                dict(prior_stddev=config.bnn_prior_stddev, init_rho=config.bnn_init_rho, seed=config.seed)
+                if method.bayesian else None
+            ),
+        )
     if init_from is not None:
         try:
             transfer_weights(load_robust_model(init_from).backbone, backbone)
@@ -168,7 +172,8 @@ def eval_attack(config):
 
 
 def measure(model, splits, config, out_dir, bb_source=None):
-    """evaluation.evaluate with the run's settings, and the run's figures."""
+    """evaluation.evaluate with the run's settings, and the run's figures, in float32."""
+    model = precision.float32_copy(model)
     adversary = eval_attack(config)
     metrics = evaluation.evaluate(
         model, splits.test, adversary, fgsm_attack=config.fgsm, bb_source=bb_source,

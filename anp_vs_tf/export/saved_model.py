@@ -26,6 +26,7 @@ import tensorflow as tf
 from anp_vs_tf.config import ConfigError
 from anp_vs_tf.export.compact import compact, has_masks
 from anp_vs_tf.metrics.complexity import complexity
+from anp_vs_tf.precision import float32_copy
 from anp_vs_tf.version import __version__
 
 SIGNATURE = "serving_default"
@@ -50,9 +51,11 @@ def export(model, export_dir, version=1, source_path=None, verbose=True):
 
     model: a RobustModel or a backbone. source_path: the file it was loaded from, whose
     size goes into export.json. A model without Beta-Bernoulli masks is exported with
-    its widths unchanged and a note saying so.
+    its widths unchanged and a note saying so. A mixed-precision model is exported as
+    its float32 copy (`anp_vs_tf.precision`): what is served computes in float32.
     """
     target = version_dir(export_dir, version)
+    model = float32_copy(model)
     backbone = getattr(model, "backbone", model)
     try:
         small = compact(model)

@@ -143,11 +143,13 @@ class BetaBernoulliDropout(keras.layers.Layer):
             name="a_uc",
             shape=(self.units,),
             initializer=keras.initializers.Constant(_softplus_inverse(self.a_init)),
+            autocast=False,
         )
         self.b_uc = self.add_weight(
             name="b_uc",
             shape=(self.units,),
             initializer=keras.initializers.Constant(_softplus_inverse(self.b_init)),
+            autocast=False,
         )
 
     # -- the variational posterior and what callers read off it ------------------

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
+from anp_vs_tf import precision
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
@@ -87,6 +88,7 @@ class RobustModel(keras.Model):
         self.built = True
 
     def _check_backbone(self):
+        precision.check_supported(self.backbone)
         method = self.method
         if method.adversarial and self.adversary is None:
             raise ValueError(f"method {method.name!r} trains on adversarial examples: pass an adversary.")
