@@ -11,7 +11,9 @@ machine's speed drifts; see timing.py); the median window gives examples/s.
 
   standard  RobustModel "standard": one forward-backward pass
             (--one_execution_per_window: our three runs compiled with Keras'
-            steps_per_execution = the window's steps)
+            steps_per_execution = the window's steps; --mixed_precision: our three
+            runs built under Keras' mixed_bfloat16 policy, as --mixed_precision does
+            for a training run, while ART keeps float32 as its users run it)
   at        RobustModel "at": PGD-k on the batch, then (CE(x) + 2 CE(x~)) / 3
   anp_vs    RobustModel "anp_vs": as at, plus masks (their own optimizer), KL and λ·V
   art_at    ART: TensorFlowV2Classifier over the same network (plain, no masks),
@@ -35,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf import attacks, data, models
+from anp_vs_tf import attacks, data, models, precision
 from anp_vs_tf.models.backbone import split_outputs
 from anp_vs_tf.trainers import RobustModel, get_method
 from timing import fit_window, interleaved_seconds, median_rate
@@ -56,13 +58,14 @@ def arrays(case, examples):
     return images[keep].astype("float32") / 255.0, labels[keep].astype("int32"), info
 
 
-def our_model(name, case, input_shape, classes, steps_per_execution=1):
+def our_model(name, case, input_shape, classes, steps_per_execution=1, policy="float32"):
     """steps_per_execution > 1 runs that many steps per call of Keras' compiled function,
     which removes its per-step host work; it does not change what is computed
     (tests/test_robust_model.py)."""
     keras.utils.set_random_seed(0)
     method = get_method(name, beta_kl=4.0, lambda_vs=1e-3, num_train_examples=50000)
-    backbone = models.build_model(case["model"], input_shape, classes, prunable=method.prunes)
+    with precision.dtype_policy(policy):
+        backbone = models.build_model(case["model"], input_shape, classes, prunable=method.prunes)
     adversary = attacks.PGD(case["eps"], case["step"], case["k"]) if method.adversarial else None
     model = RobustModel(backbone, method, adversary=adversary, seed=0)
     model.compile(keras.optimizers.Adam(1e-3),
@@ -102,7 +105,7 @@ def art_window(case, x, y, input_shape, classes):
     return run_window
 
 
-def run_case(name, case, one_execution_per_window=False):
+def run_case(name, case, one_execution_per_window=False, policy="float32"):
     """Every run of the case, timed window by window in turn (see timing.py)."""
     per_window = BATCH * case["steps"]
     x, y, info = arrays(case, per_window * (case["windows"] + 1))
@@ -110,7 +113,7 @@ def run_case(name, case, one_execution_per_window=False):
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(BATCH, drop_remainder=True)
                .prefetch(tf.data.AUTOTUNE))
     per_execution = case["steps"] if one_execution_per_window else 1
-    runs = {method: fit_window(our_model(method, case, input_shape, classes, per_execution), dataset,
+    runs = {method: fit_window(our_model(method, case, input_shape, classes, per_execution, policy), dataset,
                                case["steps"])
             for method in OURS}
     runs["art_at"] = art_window(case, x, y, input_shape, classes)
@@ -129,7 +132,7 @@ def run_case(name, case, one_execution_per_window=False):
         "anp_vs_over_art_throughput": rates["anp_vs"] / rates["art_at"],
         "anp_vs_over_art_target": 3.0,
     }
-    return {"settings": case, "batch": BATCH, "steps_per_execution": per_execution,
+    return {"settings": case, "batch": BATCH, "steps_per_execution": per_execution, "our_policy": policy,
             "examples_per_s": rates, "ratios": ratios,
             "window_seconds": {m: s.tolist() for m, s in seconds.items()}}
 
@@ -151,7 +154,8 @@ def table(results):
             f"| {mark(q['at_over_art_throughput'], 4.0, False)} "
             f"| {mark(q['anp_vs_over_art_throughput'], 3.0, False)} |"
         )
-    return "\n".join(lines) + "\n\n(examples/s, batch 128, median of the timed windows)"
+    policy = next(iter(results.values()))["our_policy"]
+    return "\n".join(lines) + f"\n\n(examples/s, batch 128, median of the timed windows; ours in {policy})"
 
 
 def main():
@@ -160,6 +164,8 @@ def main():
     parser.add_argument("--json", default="throughput.json", help="where the results go")
     parser.add_argument("--one_execution_per_window", action="store_true",
                         help="compile our runs with steps_per_execution = the window's steps")
+    parser.add_argument("--mixed_precision", action="store_true",
+                        help="build our runs under Keras' mixed_bfloat16 policy (ART stays float32)")
     args = parser.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -171,7 +177,8 @@ def main():
                      "pip install adversarial-robustness-toolbox")
     tf.get_logger().setLevel("ERROR")  # ART retraces its train step for every batch, and says so
     start = time.time()
-    results = {name: run_case(name, CASES[name], args.one_execution_per_window)
+    policy = precision.MIXED_POLICY if args.mixed_precision else "float32"
+    results = {name: run_case(name, CASES[name], args.one_execution_per_window, policy)
                for name in args.cases.split(",")}
     print(table(results))
     with open(args.json, "w") as f:
