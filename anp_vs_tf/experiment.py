@@ -62,8 +62,8 @@ def check_out_dir(config):
     saved_path = os.path.join(out, "config.json")
     if os.path.exists(saved_path):
         try:
-            with open(saved_path) as f:
-                saved = _settings(json.load(f))
+            with open(saved_path) as f:  # settings added since that run was started take their default
+                saved = _settings({**dataclasses.asdict(RunConfig()), **json.load(f)})
         except (OSError, ValueError):
             saved = None
         if saved != _settings(dataclasses.asdict(config)):

@@ -1,5 +1,6 @@
 """A run killed at any point and started again with the same command ends with the same weights."""
 
+import json
 import os
 import pathlib
 import random
@@ -146,3 +147,18 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_what_was_saved(
     if checkpoints_left:  # what was saved is intact and finite
         assert checkpointing.TrainingState(restored, str(tmp_path / "checkpoints")).restore() == 30
         assert all(np.all(np.isfinite(v.numpy())) for v in restored.weights)
+
+
+def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
+    from anp_vs_tf.config import ConfigError, RunConfig
+    from anp_vs_tf.experiment import check_out_dir, prepare_out_dir
+
+    config = RunConfig(out_dir=str(tmp_path / "run")).resolved()
+    prepare_out_dir(config)
+    path = tmp_path / "run" / "config.json"
+    older = json.loads(path.read_text())
+    del older["mixed_precision"]  # config.json of a run started before the flag existed
+    path.write_text(json.dumps(older))
+    check_out_dir(config)  # same settings: resumes
+    with pytest.raises(ConfigError, match="different settings"):
+        check_out_dir(RunConfig(out_dir=str(tmp_path / "run"), mixed_precision=True).resolved())
