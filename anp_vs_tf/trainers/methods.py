@@ -131,6 +131,12 @@ class Method:
         """(logits, latents) the method predicts with; white-box attacks differentiate the logits."""
         return model.logits_and_latents(x, training=False)
 
+    @property
+    def predicts_with_backbone(self):
+        """Whether inference is the backbone's own deterministic forward (not overridden),
+        which an attack may run with the masks folded into the weights."""
+        return type(self).inference_outputs is Method.inference_outputs
+
     def adversarial_examples(self, model, x, y, seed=None):
         """x~ for this batch, or None for a method that trains on clean data only."""
         if not self.adversarial:

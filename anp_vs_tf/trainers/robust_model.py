@@ -20,6 +20,7 @@ from anp_vs_tf import precision
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
+from anp_vs_tf.models.folding import folded_logits
 from anp_vs_tf.trainers.methods import Views, get_method
 
 
@@ -208,12 +209,19 @@ class RobustModel(keras.Model):
         stochastic one (sampled masks) for an attack with expectation over transformation.
 
         Without a `seed`, the random start comes from the model's evaluation stream.
+        The deterministic masks are folded into the weights for the attack's steps
+        (`models.folding`: the same logits, without a multiply per activation).
         """
         adversary = adversary or self.adversary
         if seed is None:
             seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
-        stochastic = getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers
-        return adversary(self.stochastic_logits if stochastic else self.inference_logits, x, y, seed)
+        if getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers:
+            logits = self.stochastic_logits
+        elif self.mask_layers and self.method.predicts_with_backbone:
+            logits = folded_logits(self.backbone)
+        else:
+            logits = self.inference_logits
+        return adversary(logits, x, y, seed)
 
     def forward_views(self, x, x_adv=None, seed=None):
         """Training-mode forward of x and x~ sharing one mask sample per example.
