@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from anp_vs_tf import attacks, models
+from anp_vs_tf.models.folding import folded_logits
 from anp_vs_tf.trainers import RobustModel, get_method
 
 INPUTS = {"lenet5_caffe": ((28, 28, 1), 10), "lenet_300_100": ((28, 28, 1), 10), "vgg16": ((32, 32, 3), 10)}
@@ -71,8 +72,10 @@ def main():
         rows[f"{name} step, 0-step attack"] = median_ms(step(robust_model(name, args, 0)), args.repeats)
         rows[f"{name}: PGD-{args.k} alone"] = median_ms(tf.function(lambda: model.attack(x, y, seed=seed)),
                                                          args.repeats)
+        # What the attack differentiates: masks folded into the weights (models.folding).
+        logits = folded_logits(model.backbone) if model.mask_layers else model.inference_logits
         rows[f"{name}: one attack step (input gradient)"] = median_ms(
-            tf.function(lambda: model.adversary._gradient(model.inference_logits, x, y)), args.repeats)
+            tf.function(lambda: model.adversary._gradient(logits, x, y)), args.repeats)
         rows[f"{name}: one forward pass"] = median_ms(tf.function(lambda: model.inference_logits(x)),
                                                       args.repeats)
         if name == "at" and args.trace:
