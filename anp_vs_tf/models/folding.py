@@ -112,4 +112,3 @@ def folded_logits(backbone):
         return split_outputs(outputs)[0]
 
     return logits
-
