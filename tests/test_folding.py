@@ -1,4 +1,5 @@
-"""Masks folded into weights (models.folding): the same logits and input gradients, fewer ops."""
+"""Masks and batch norm folded into weights (models.folding): the same logits and input
+gradients, without the per-activation products and normalizations."""
 
 import keras
 import numpy as np
@@ -7,7 +8,7 @@ import tensorflow as tf
 
 from anp_vs_tf import attacks, models
 from anp_vs_tf.layers import BetaBernoulliDropout, beta_bernoulli_layers
-from anp_vs_tf.models.folding import fold_plan, folded_logits
+from anp_vs_tf.models.folding import folded_logits
 from anp_vs_tf.trainers import RobustModel, get_method
 
 SHAPES = {"lenet5_caffe": (28, 28, 1), "lenet_300_100": (28, 28, 1), "vgg16": (32, 32, 3)}
@@ -38,47 +39,51 @@ def logits_and_input_gradient(logits_fn, x):
     return logits.numpy(), tape.gradient(loss, x).numpy()
 
 
+def batch_products(logits_fn, shape):
+    """Elementwise products over a whole batch in the forward graph: a mask multiplying an
+    activation, or batch norm scaling it (Keras' inference BN is Sub, Mul, Add)."""
+    graph = tf.function(logits_fn).get_concrete_function(tf.TensorSpec((8,) + shape)).graph
+    return sum(1 for op in graph.get_operations()
+               if op.type == "Mul" and op.outputs[0].shape.rank and op.outputs[0].shape[0] == 8)
+
+
+@pytest.mark.parametrize("prunable", [True, False], ids=["masks", "plain"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_folded_network_equals_the_masked_one(name):
+def test_folded_network_equals_the_deployed_one(name, prunable):
     keras.utils.set_random_seed(0)
-    backbone = randomize(models.build_model(name, SHAPES[name], 10, prunable=True))
+    backbone = randomize(models.build_model(name, SHAPES[name], 10, prunable=prunable))
     x = tf.random.stateless_uniform((8,) + SHAPES[name], [0, 1])
-    masked = lambda images: models.split_outputs(backbone(images, training=False))[0]  # noqa: E731
-    expected_logits, expected_gradient = logits_and_input_gradient(masked, x)
+    deployed = lambda images: models.split_outputs(backbone(images, training=False))[0]  # noqa: E731
+    expected_logits, expected_gradient = logits_and_input_gradient(deployed, x)
     logits, gradient = logits_and_input_gradient(folded_logits(backbone), x)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5 * np.abs(expected_logits).max())
-    # Rounding may move a ReLU or a max-pool tie on one unit: compare the whole gradient.
+    # The network is piecewise linear: with equal logits, the gradients differ only where
+    # rounding moved a ReLU or max-pool kink (single entries); a wrong fold changes all.
     error = np.linalg.norm(gradient - expected_gradient) / np.linalg.norm(expected_gradient)
-    assert error < 1e-4, error
-    # Every mask of the zoo has a rule; in the graph they run as a pass-through.
-    assert len(fold_plan(backbone)) == len(beta_bernoulli_layers(backbone))
+    assert error < 1e-2, error
 
 
-def test_which_weights_each_rule_scales():
-    plan = {mask.name: [(v.path, how) for v, how in targets]
-            for mask, targets in fold_plan(models.build_model("lenet5_caffe", prunable=True))}
-    assert plan == {
-        "conv1_bbd": [("conv1/kernel", "out"), ("conv1/bias", "out")],    # producer, relu
-        "conv2_bbd": [("conv2/kernel", "out"), ("conv2/bias", "out")],
-        "flatten_bbd": [("dense1/kernel", "in")],                         # consumer
-        "dense1_bbd": [("dense1/kernel", "out"), ("dense1/bias", "out")],
-    }
-    vgg = {mask.name: [v.path for v, _ in targets]
-           for mask, targets in fold_plan(models.build_model("vgg16", prunable=True))}
-    assert vgg["conv1_bbd"] == ["bn1/gamma", "bn1/beta"]  # BN -> ReLU -> mask
-    assert vgg["dense2_bbd"] == ["dense2_bn/gamma", "dense2_bn/beta"]
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_folded_graph_has_no_per_activation_products(name):
+    backbone = models.build_model(name, SHAPES[name], 10, prunable=True)
+    scalings = len(beta_bernoulli_layers(backbone)) + sum(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in backbone.layers)
+    deployed = lambda images: models.split_outputs(backbone(images, training=False))[0]  # noqa: E731
+    assert batch_products(deployed, SHAPES[name]) >= scalings
+    assert batch_products(folded_logits(backbone), SHAPES[name]) == 0
 
 
-def test_a_mask_no_rule_fits_keeps_multiplying():
+def test_what_no_rule_fits_runs_as_it_is():
     inputs = keras.Input((6,))
-    hidden = keras.layers.Dense(8, activation="tanh", name="tanh")(inputs)  # not positively homogeneous
-    latent = BetaBernoulliDropout(name="latent_bbd", seed=0)(hidden)        # and a model output
-    logits = keras.layers.Dense(10, name="logits")(latent)
-    backbone = randomize(keras.Model(inputs, {"logits": logits, "latents": [latent]}))
-    assert fold_plan(backbone) == []
+    hidden = keras.layers.Dense(8, activation="tanh", name="tanh")(inputs)   # not positively homogeneous
+    masked = BetaBernoulliDropout(name="latent_bbd", seed=0)(hidden)         # so the mask multiplies
+    normed = keras.layers.BatchNormalization(name="after_tanh")(masked)      # and BN follows no linear layer
+    logits = keras.layers.Dense(10, name="logits")(normed)
+    backbone = randomize(keras.Model(inputs, {"logits": logits, "latents": [masked]}))
     x = tf.random.stateless_uniform((4, 6), [2, 3])
     np.testing.assert_allclose(folded_logits(backbone)(x).numpy(),
-                               backbone(x, training=False)["logits"].numpy(), rtol=1e-6, atol=1e-7)
+                               backbone(x, training=False)["logits"].numpy(), rtol=1e-5, atol=1e-6)
+    assert batch_products(folded_logits(backbone), (6,)) >= 2  # the mask and the BN scale
 
 
 def test_training_attack_is_unchanged_by_folding():

@@ -1,114 +1,186 @@
-"""The deterministic network with its masks folded into weights: what an attack differentiates.
+"""The deterministic network with masks and batch norm folded into weights: what an attack differentiates.
 
-At inference a mask layer multiplies unit c by m_c = E_q[pi_c] >= 0. In a PGD step
-that is one more elementwise pass over the activation forward and one backward, and
-in bfloat16 on a CPU such passes are slow: on LeNet-5 they were ~20% of an attack
-step (benchmarks/README.md). Folded into the weights next to it, m costs nothing per
-example. Three local rules, each exact:
+At inference a mask layer multiplies unit c by m_c = E_q[pi_c] >= 0, and batch norm is
+a per-channel affine map y = s x + t. In a PGD step each is one more elementwise pass
+forward and one backward over a whole activation, and such passes are slow on a CPU,
+in bfloat16 especially (benchmarks/README.md). Folded into the weights next to them
+they cost nothing per example, and oneDNN fuses the remaining bias and ReLU into the
+convolution. `folded_logits` evaluates the backbone's graph node by node with these
+rules, each exact:
 
-- producer: `Conv2D`/`Dense` with a ReLU or linear activation -> mask: relu(z) m =
-  relu(z m), so the producer's kernel columns and bias are multiplied by m;
-- through BatchNormalization: `BatchNormalization -> ReLU -> mask`: gamma and beta
-  are multiplied by m (VGG-16);
-- consumer: mask -> `Dense`/`Conv2D`, the mask's output not a model output: the
-  consumer's input weights are multiplied by m (the 800 flattened LeNet features).
+- a chain `Conv2D/Dense -> [BatchNormalization] -> [ReLU] -> [mask]`, each the only
+  consumer of the one before, becomes one convolution with kernel K s m and bias
+  (b s + t) m, then the ReLU (relu(z) m = relu(z m) for m >= 0);
+- a mask whose only consumer is a Conv2D/Dense scales that layer's input weights
+  (the 800 flattened LeNet features);
+- every other layer runs as it is (pooling, Flatten, Normalization, ...), and a mask
+  no rule fits multiplies.
 
-A mask no rule fits keeps multiplying. The network runs with the folded values
-through `stateless_call`; the variables are not touched. The values are recomputed in
-every call, i.e. inside the attack's loop: a few small multiplies, and measured faster
-in bfloat16 than feeding the loop folded tensors computed once outside it.
+Only the logits are computed, so latent features in the middle of a chain need no
+tensor of their own. A graph it cannot walk (nested models, shared layers) is run as
+the backbone itself. The values are recomputed in every call, i.e. inside the
+attack's loop: a few small multiplies, measured faster in bfloat16 than feeding the
+loop tensors folded once outside it.
 """
 
 import keras
+import tensorflow as tf
 
-from anp_vs_tf.layers.beta_bernoulli import beta_bernoulli_layers
-from anp_vs_tf.layers.sampling import sampling
+from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
+from anp_vs_tf.layers.input_conv import InputConv2D
+from anp_vs_tf.metrics.complexity import _nodes_in_order, _producer
 from anp_vs_tf.models.backbone import split_outputs
 
 L = keras.layers
-_LINEAR = (L.Conv2D, L.Dense)  # InputConv2D is a Conv2D
+# Exactly these types: a subclass may compute something else in its call().
+_LINEAR = (L.Conv2D, L.Dense, InputConv2D)
+
+
+def _is_linear(layer):
+    return type(layer) in _LINEAR
 
 
 def _homogeneous(layer):
-    """f(m x) = m f(x) for m >= 0."""
-    if isinstance(layer, L.ReLU):
-        return layer.max_value is None and float(layer.threshold) == 0.0
-    return getattr(layer, "activation", None) in (keras.activations.relu, keras.activations.linear)
+    """A ReLU layer with f(m x) = m f(x) for m >= 0."""
+    return (isinstance(layer, L.ReLU) and layer.max_value is None and float(layer.threshold) == 0.0
+            and float(layer.negative_slope) == 0.0)
 
 
-def _only_node(layer):
-    nodes = layer._inbound_nodes
-    return nodes[0] if len(nodes) == 1 else None
+def _activation(layer):
+    return getattr(layer, "activation", None)
 
 
-def _producer_layer(node):
-    history = getattr(node.input_tensors[0], "_keras_history", None)
-    return history.operation if history is not None else None
+def _sole_consumer(node, outputs_needed):
+    """The layer that alone consumes `node`'s output, or None."""
+    layer = node.operation
+    if len(layer._inbound_nodes) != 1 or id(node.output_tensors[0]) in outputs_needed:
+        return None
+    consumers = layer._outbound_nodes
+    if len(consumers) != 1 or len(consumers[0].operation._inbound_nodes) != 1:
+        return None
+    return consumers[0].operation
 
 
-def _consumers(layer):
-    return [node.operation for node in layer._outbound_nodes]
+class _Chain:
+    """Conv2D/Dense -> [BN] -> [ReLU] -> [mask], evaluated as one layer with folded weights."""
 
+    def __init__(self, linear):
+        self.linear, self.norm, self.relu, self.mask = linear, None, None, None
 
-def fold_plan(backbone):
-    """[(mask layer, [(variable, how)])]: for each foldable mask, the variables m multiplies.
+    def layers(self):
+        return [layer for layer in (self.linear, self.norm, self.relu, self.mask) if layer is not None]
 
-    how is "out" (the last axis: a producer's output units) or "in" (the second to
-    last: a consumer's input units).
-    """
-    outputs = {id(t) for t in keras.tree.flatten(backbone.outputs)}
-    plan = []
-    for mask in beta_bernoulli_layers(backbone):
-        node = _only_node(mask)
-        if node is None:
-            continue
-        producer = _producer_layer(node)
-        alone = producer is not None and len(producer._inbound_nodes) == 1 and _consumers(producer) == [mask]
-        consumers = _consumers(mask)
-        if alone and isinstance(producer, _LINEAR) and _homogeneous(producer):
-            targets = [(producer.kernel, "out")] + ([(producer.bias, "out")] if producer.use_bias else [])
-        elif alone and isinstance(producer, L.ReLU) and _homogeneous(producer) and _is_folding_batch_norm(producer):
-            norm = _producer_layer(_only_node(producer))
-            targets = [(norm.gamma, "out"), (norm.beta, "out")]
-        elif (len(consumers) == 1 and isinstance(consumers[0], _LINEAR) and len(consumers[0]._inbound_nodes) == 1
-              and not any(id(t) in outputs for t in node.output_tensors)):
-            targets = [(consumers[0].kernel, "in")]
+    def __call__(self, x, input_scale=None):
+        linear = self.linear
+        kernel = tf.convert_to_tensor(linear.kernel)
+        bias = tf.convert_to_tensor(linear.bias) if linear.use_bias else None
+        if input_scale is not None:  # a mask before this layer, folded into its input rows
+            kernel = kernel * input_scale[:, None]
+        if self.norm is not None:  # y = s z + t with the moving statistics
+            norm = self.norm
+            s = tf.math.rsqrt(tf.convert_to_tensor(norm.moving_variance) + norm.epsilon)
+            if norm.scale:
+                s = s * tf.convert_to_tensor(norm.gamma)
+            t = -tf.convert_to_tensor(norm.moving_mean) * s
+            if norm.center:
+                t = t + tf.convert_to_tensor(norm.beta)
+            kernel, bias = kernel * s, (t if bias is None else bias * s + t)
+        if self.mask is not None:
+            m = self.mask.inference_mask()
+            kernel, bias = kernel * m, (None if bias is None else bias * m)
+        dtype = linear.compute_dtype
+        x = tf.cast(x, dtype)
+        if isinstance(linear, L.Conv2D):
+            y = linear.convolution_op(x, tf.cast(kernel, dtype))
+        elif x.shape.rank == 2:
+            y = tf.matmul(x, tf.cast(kernel, dtype))
         else:
+            y = tf.tensordot(x, tf.cast(kernel, dtype), axes=[[x.shape.rank - 1], [0]])
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(bias, dtype))
+        activation = self.relu.call if self.relu is not None else _activation(linear)
+        return activation(y)
+
+
+def _plan(backbone):
+    """(logits tensor, nodes in order, {id(first layer of a chain): chain},
+    {id(mask): consumer layer it folds into}), or None for a graph this cannot walk."""
+    outputs = getattr(backbone, "outputs", None)
+    if not outputs:
+        return None
+    struct = getattr(backbone, "_outputs_struct", None)
+    logits = struct["logits"] if isinstance(struct, dict) else outputs[0]
+    try:
+        nodes = _nodes_in_order([logits])
+    except ValueError:
+        return None
+    if any(isinstance(node.operation, keras.Model) or len(node.operation._inbound_nodes) != 1
+           for node in nodes):
+        return None
+    needed = {id(logits)}
+    chains, into_consumer = {}, {}
+    claimed = set()
+    for node in nodes:
+        layer = node.operation
+        if id(layer) in claimed or not _is_linear(layer):
             continue
-        plan.append((mask, targets))
-    return plan
-
-
-def _is_folding_batch_norm(relu):
-    node = _only_node(relu)
-    norm = _producer_layer(node) if node is not None else None
-    return (
-        isinstance(norm, L.BatchNormalization) and norm.scale and norm.center
-        and len(norm._inbound_nodes) == 1 and _consumers(norm) == [relu]
-        and norm.axis in (-1, len(norm.input.shape) - 1)
-    )
+        chain, last = _Chain(layer), layer
+        nxt = _sole_consumer(node, needed)
+        if (isinstance(nxt, L.BatchNormalization) and _activation(layer) is keras.activations.linear
+                and nxt.axis in (-1, len(node.output_tensors[0].shape) - 1)):
+            chain.norm, last = nxt, nxt
+            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
+        if _homogeneous(nxt) and _activation(layer) is keras.activations.linear:
+            chain.relu, last = nxt, nxt
+            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
+        if isinstance(nxt, BetaBernoulliDropout) and (
+                chain.relu is not None or _activation(layer) in (keras.activations.relu, keras.activations.linear)):
+            chain.mask = nxt
+        chains[id(layer)] = chain
+        claimed.update(id(part) for part in chain.layers())
+    for node in nodes:
+        layer = node.operation
+        if isinstance(layer, BetaBernoulliDropout) and id(layer) not in claimed:
+            consumer = _sole_consumer(node, needed)
+            if _is_linear(consumer):
+                into_consumer[id(layer)] = consumer
+    return logits, nodes, chains, into_consumer
 
 
 def folded_logits(backbone):
-    """x -> the backbone's inference logits, the foldable masks folded into weights.
+    """x -> the backbone's inference logits, with masks and batch norm folded into weights.
 
     Equal to `split_outputs(backbone(x, training=False))[0]` up to float rounding.
     """
-    plan = fold_plan(backbone)
-    folded = {id(mask) for mask, _ in plan}
+    plan = _plan(backbone)
+    if plan is None:
+        return lambda x: split_outputs(backbone(x, training=False))[0]
+    logits, nodes, chains, into_consumer = plan
+    members = {id(part): chain for chain in chains.values() for part in chain.layers()}
+    scale_of = {}  # id(consumer) -> the mask folded into its input rows
 
-    def logits(x):
-        scaled = {}
-        for mask, targets in plan:
-            m = mask.inference_mask()
-            for variable, how in targets:
-                value = scaled.get(id(variable), None)
-                value = keras.ops.convert_to_tensor(variable) if value is None else value
-                scaled[id(variable)] = value * (m if how == "out" else m[:, None])
-        trainable = [scaled.get(id(v), v) for v in backbone.trainable_variables]
-        non_trainable = [scaled.get(id(v), v) for v in backbone.non_trainable_variables]
-        with sampling(folded=folded):
-            outputs, _ = backbone.stateless_call(trainable, non_trainable, x, training=False)
-        return split_outputs(outputs)[0]
+    def run(x):
+        values = {}  # id(KerasTensor) -> tensor
+        for node in nodes:
+            layer = node.operation
+            out = node.output_tensors[0]
+            if isinstance(layer, L.InputLayer):
+                values[id(out)] = x
+                continue
+            inputs = [values.get(id(t)) for t in node.input_tensors]
+            chain = members.get(id(layer))
+            if chain is not None:
+                if layer is chain.linear:
+                    mask = scale_of.get(id(layer))
+                    values[id(out)] = chain(inputs[0], None if mask is None else mask.inference_mask())
+                    end = chain.layers()[-1]
+                    values[id(end._inbound_nodes[0].output_tensors[0])] = values[id(out)]
+                continue  # the chain's other layers are in its weights
+            if id(layer) in into_consumer:
+                scale_of[id(into_consumer[id(layer)])] = layer
+                values[id(out)] = inputs[0]  # the consumer scales its input rows instead
+                continue
+            values[id(out)] = layer(inputs[0] if len(inputs) == 1 else inputs, training=False)
+        return values[id(logits)]
 
-    return logits
+    return run

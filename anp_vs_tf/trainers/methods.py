@@ -134,7 +134,7 @@ class Method:
     @property
     def predicts_with_backbone(self):
         """Whether inference is the backbone's own deterministic forward (not overridden),
-        which an attack may run with the masks folded into the weights."""
+        which an attack may run with masks and batch norm folded into the weights."""
         return type(self).inference_outputs is Method.inference_outputs
 
     def adversarial_examples(self, model, x, y, seed=None):

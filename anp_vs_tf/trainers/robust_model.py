@@ -209,15 +209,15 @@ class RobustModel(keras.Model):
         stochastic one (sampled masks) for an attack with expectation over transformation.
 
         Without a `seed`, the random start comes from the model's evaluation stream.
-        The deterministic masks are folded into the weights for the attack's steps
-        (`models.folding`: the same logits, without a multiply per activation).
+        The deterministic masks and batch norm are folded into the weights for the
+        attack's steps (`models.folding`: the same logits, fewer passes per step).
         """
         adversary = adversary or self.adversary
         if seed is None:
             seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
         if getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers:
             logits = self.stochastic_logits
-        elif self.mask_layers and self.method.predicts_with_backbone:
+        elif self.method.predicts_with_backbone:
             logits = folded_logits(self.backbone)
         else:
             logits = self.inference_logits
