@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
 from anp_vs_tf.layers.input_conv import InputConv2D
-from anp_vs_tf.metrics.complexity import _nodes_in_order, _producer
+from anp_vs_tf.metrics.complexity import _nodes_in_order
 from anp_vs_tf.models.backbone import split_outputs
 
 L = keras.layers
@@ -104,7 +104,7 @@ class _Chain:
 
 def _plan(backbone):
     """(logits tensor, nodes in order, {id(first layer of a chain): chain},
-    {id(mask): consumer layer it folds into}), or None for a graph this cannot walk."""
+    [(mask, the layer whose input rows it scales)]), or None for a graph this cannot walk."""
     outputs = getattr(backbone, "outputs", None)
     if not outputs:
         return None
@@ -118,20 +118,20 @@ def _plan(backbone):
            for node in nodes):
         return None
     needed = {id(logits)}
-    chains, into_consumer = {}, {}
+    chains, into_consumer = {}, []
     claimed = set()
     for node in nodes:
         layer = node.operation
         if id(layer) in claimed or not _is_linear(layer):
             continue
-        chain, last = _Chain(layer), layer
+        chain = _Chain(layer)
         nxt = _sole_consumer(node, needed)
         if (isinstance(nxt, L.BatchNormalization) and _activation(layer) is keras.activations.linear
                 and nxt.axis in (-1, len(node.output_tensors[0].shape) - 1)):
-            chain.norm, last = nxt, nxt
+            chain.norm = nxt
             nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
         if _homogeneous(nxt) and _activation(layer) is keras.activations.linear:
-            chain.relu, last = nxt, nxt
+            chain.relu = nxt
             nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
         if isinstance(nxt, BetaBernoulliDropout) and (
                 chain.relu is not None or _activation(layer) in (keras.activations.relu, keras.activations.linear)):
@@ -143,7 +143,7 @@ def _plan(backbone):
         if isinstance(layer, BetaBernoulliDropout) and id(layer) not in claimed:
             consumer = _sole_consumer(node, needed)
             if _is_linear(consumer):
-                into_consumer[id(layer)] = consumer
+                into_consumer.append((layer, consumer))
     return logits, nodes, chains, into_consumer
 
 
@@ -157,7 +157,8 @@ def folded_logits(backbone):
         return lambda x: split_outputs(backbone(x, training=False))[0]
     logits, nodes, chains, into_consumer = plan
     members = {id(part): chain for chain in chains.values() for part in chain.layers()}
-    scale_of = {}  # id(consumer) -> the mask folded into its input rows
+    input_mask = {id(consumer): mask for mask, consumer in into_consumer}
+    passed_on = {id(mask) for mask, _ in into_consumer}
 
     def run(x):
         values = {}  # id(KerasTensor) -> tensor
@@ -167,17 +168,16 @@ def folded_logits(backbone):
             if isinstance(layer, L.InputLayer):
                 values[id(out)] = x
                 continue
-            inputs = [values.get(id(t)) for t in node.input_tensors]
+            inputs = [values[id(t)] for t in node.input_tensors]
             chain = members.get(id(layer))
             if chain is not None:
                 if layer is chain.linear:
-                    mask = scale_of.get(id(layer))
+                    mask = input_mask.get(id(layer))
                     values[id(out)] = chain(inputs[0], None if mask is None else mask.inference_mask())
                     end = chain.layers()[-1]
                     values[id(end._inbound_nodes[0].output_tensors[0])] = values[id(out)]
                 continue  # the chain's other layers are in its weights
-            if id(layer) in into_consumer:
-                scale_of[id(into_consumer[id(layer)])] = layer
+            if id(layer) in passed_on:
                 values[id(out)] = inputs[0]  # the consumer scales its input rows instead
                 continue
             values[id(out)] = layer(inputs[0] if len(inputs) == 1 else inputs, training=False)
