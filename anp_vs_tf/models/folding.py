@@ -168,15 +168,16 @@ def folded_logits(backbone):
             if isinstance(layer, L.InputLayer):
                 values[id(out)] = x
                 continue
-            inputs = [values[id(t)] for t in node.input_tensors]
             chain = members.get(id(layer))
-            if chain is not None:
-                if layer is chain.linear:
-                    mask = input_mask.get(id(layer))
-                    values[id(out)] = chain(inputs[0], None if mask is None else mask.inference_mask())
-                    end = chain.layers()[-1]
-                    values[id(end._inbound_nodes[0].output_tensors[0])] = values[id(out)]
+            if chain is not None and layer is not chain.linear:
                 continue  # the chain's other layers are in its weights
+            inputs = [values[id(t)] for t in node.input_tensors]
+            if chain is not None:
+                mask = input_mask.get(id(layer))
+                end = chain.layers()[-1]  # the chain's result is its last layer's output
+                values[id(end._inbound_nodes[0].output_tensors[0])] = chain(
+                    inputs[0], None if mask is None else mask.inference_mask())
+                continue
             if id(layer) in passed_on:
                 values[id(out)] = inputs[0]  # the consumer scales its input rows instead
                 continue
