@@ -230,8 +230,6 @@ class BetaBernoulliDropout(keras.layers.Layer):
         if training or (scope is not None and scope.at_inference):
             mask = self._training_mask(tf.shape(inputs)[0])
             mask = tf.reshape(mask, [-1] + [1] * (len(inputs.shape) - 2) + [self.units])
-        elif scope is not None and id(self) in scope.folded:
-            return inputs  # m is in the neighbouring weights (models.folding)
         else:
             mask = self.inference_mask()
         return inputs * tf.cast(mask, inputs.dtype)

@@ -16,11 +16,10 @@ import tensorflow as tf
 class Scope:
     """The settings of one `sampling` block, and the masks it shares."""
 
-    def __init__(self, seed, shared_batch_size, at_inference, folded=()):
+    def __init__(self, seed, shared_batch_size, at_inference):
         self.seed = seed
         self.shared_batch_size = shared_batch_size
         self.at_inference = at_inference
-        self.folded = frozenset(folded)
         self.shared = {}
 
     def layer_seed(self, layer):
@@ -40,7 +39,7 @@ def current_scope():
 
 
 @contextlib.contextmanager
-def sampling(seed=None, shared_batch_size=None, at_inference=False, folded=()):
+def sampling(seed=None, shared_batch_size=None, at_inference=False):
     """Control how `BetaBernoulliDropout` and the Gaussian layers draw inside this block.
 
     seed: a stateless seed (shape-[2] int tensor) for this step. Each layer folds in
@@ -55,11 +54,9 @@ def sampling(seed=None, shared_batch_size=None, at_inference=False, folded=()):
     at_inference: sample masks even in inference mode (training=False), so that batch
         norm keeps its moving statistics while the masks are random: the stochastic
         network an expectation-over-transformation attack averages over.
-    folded: ids of mask layers whose inference mask the caller has folded into the
-        weights next to them (`models.folding`); at inference they pass their input on.
     """
     previous = current_scope()
-    _state.scope = Scope(seed, shared_batch_size, at_inference, folded)
+    _state.scope = Scope(seed, shared_batch_size, at_inference)
     try:
         yield _state.scope
     finally:
