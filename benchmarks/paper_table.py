@@ -26,7 +26,7 @@ On 5k held-out training images (never the test set; 21 epochs, PGD-40), beta = 4
 gave ANP-VS 94.68 / 94.18% robust accuracy against AT's 94.62%, pruning 33 / 46% of
 the units. lambda was chosen the same way, by ANP-VS's held-out robust accuracy (beta 4):
 lambda = 1 / 3 / 10 gave 94.68 / 95.30 / 95.00%, vulnerability 0.0167 / 0.0109 / 0.0058,
-pruning 33 / 38 / 46% of the units.
+pruning 33 / 38 / 46% of the units (benchmarks/heldout.py repeats these runs).
 A method whose run directory already holds metrics.json is not run again, so an
 interrupted benchmark resumes where it stopped.
 """
