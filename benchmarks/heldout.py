@@ -5,8 +5,9 @@
         --init_from runs/heldout/base/model.keras --out_dir runs/heldout/anp_vs_l3
 
 Trains one method with paper_table.py's settings (overridden by --set) on the training
-set minus 5,000 held-out images (class-balanced, the last of each class), then measures PGD-40 robust accuracy, vulnerability and
-sparsity on those 5,000 and writes them to OUT_DIR/result.json. β = 4 and λ = 3 in
+set minus 5,000 held-out images (class-balanced, the last of each class), then measures
+PGD-40 robust accuracy, vulnerability and sparsity on those 5,000 and writes them to
+OUT_DIR/result.json. β = 4 and λ = 3 in
 paper_table.py were chosen this way, by ANP-VS's held-out robust accuracy (21 epochs).
 --threads 1 lets two candidates train side by side on a 2-core machine.
 """
@@ -25,7 +26,7 @@ from anp_vs_tf import data, experiment
 from anp_vs_tf.metrics import attack_evaluation
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from paper_table import settings  # noqa: E402  (the table's settings, so the choice carries over)
+from paper_table import METHODS, settings  # noqa: E402  (the table's settings, so the choice carries over)
 
 
 def parse_override(text):
@@ -39,9 +40,9 @@ def parse_override(text):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True)
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10", "cifar100"])
     parser.add_argument("--epochs", type=int, default=21)
     parser.add_argument("--heldout", type=int, default=5000, help="training images held out for measuring")
     parser.add_argument("--init_from", help="the held-out base, for the methods that start from one")

@@ -39,6 +39,7 @@ def heldout(monkeypatch):
     (["--set", "lamda_vs=3"], "lamda_vs is not a RunConfig setting"),
     (["--set", "lambda_vs=abc"], "expects name=number"),
     (["--init_from", "/nonexistent/model.keras"], "train the base first"),
+    (["--method", "anp-vs"], "invalid choice: 'anp-vs'"),
 ])
 def test_bad_arguments_stop_before_any_data_is_read(heldout, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
