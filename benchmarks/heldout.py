@@ -59,6 +59,9 @@ def main(argv=None):
     unknown = [name for name, _ in args.set if name not in fields]
     if unknown:
         parser.error(f"--set: {', '.join(unknown)} is not a RunConfig setting")
+    for name in ("epochs", "heldout"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if os.path.exists(os.path.join(args.out_dir, "result.json")):
         parser.error(f"{args.out_dir} already holds a result.json; choose another --out_dir")
     if args.init_from and not os.path.exists(args.init_from):

@@ -40,6 +40,7 @@ def heldout(monkeypatch):
     (["--set", "lambda_vs=abc"], "expects name=number"),
     (["--init_from", "/nonexistent/model.keras"], "train the base first"),
     (["--method", "anp-vs"], "invalid choice: 'anp-vs'"),
+    (["--heldout", "0"], "--heldout must be at least 1"),
 ])
 def test_bad_arguments_stop_before_any_data_is_read(heldout, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit):
