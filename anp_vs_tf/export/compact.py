@@ -29,8 +29,10 @@ import keras
 import numpy as np
 
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
+from anp_vs_tf.layers.fused_batch_norm import FusedBatchNormalization
 from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.select_features import SelectFeatures
+from anp_vs_tf.layers.small_map_conv import SmallMapConv2D
 from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
 
 L = keras.layers
@@ -101,7 +103,7 @@ class _Builder:
             return keras.Input(shape=tuple(out.shape[1:]), dtype=out.dtype, name=layer.name), None
         x, scale = inputs[0]
         kept_in = self.kept[id(node.input_tensors[0])]
-        if type(layer) in (L.Conv2D, InputConv2D, L.Dense):
+        if type(layer) in (L.Conv2D, InputConv2D, SmallMapConv2D, L.Dense):
             return self._linear(layer, x, scale, kept_in, kept_out), None
         if isinstance(layer, BetaBernoulliDropout):
             mask = keras.ops.convert_to_numpy(layer.inference_mask()).astype(np.float64)
@@ -126,9 +128,9 @@ class _Builder:
             return SelectFeatures(indices, name=layer.name)(x), scale
         if not np.array_equal(kept_in, kept_out):
             raise ValueError(f"{layer.name} ({type(layer).__name__}) changes which units are kept; not supported.")
-        if type(layer) is L.BatchNormalization:
+        if type(layer) in (L.BatchNormalization, FusedBatchNormalization):
             _no_pending(layer, scale)
-            new = _copy(layer)
+            new = L.BatchNormalization.from_config(layer.get_config())  # plain Keras layers only
             y = new(x)
             new.set_weights([w[kept_out] for w in layer.get_weights()])
             return y, None

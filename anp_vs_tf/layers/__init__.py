@@ -13,18 +13,22 @@ from anp_vs_tf.layers.beta_bernoulli import (
     kumaraswamy_beta_kl,
     kumaraswamy_sample,
 )
+from anp_vs_tf.layers.fused_batch_norm import FusedBatchNormalization
 from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.sampling import sampling
 from anp_vs_tf.layers.select_features import SelectFeatures
+from anp_vs_tf.layers.small_map_conv import SmallMapConv2D
 from anp_vs_tf.layers.walk import all_layers
 
 __all__ = [
     "all_layers",
     "BetaBernoulliDropout",
+    "FusedBatchNormalization",
     "GaussianConv2D",
     "GaussianDense",
     "InputConv2D",
     "SelectFeatures",
+    "SmallMapConv2D",
     "beta_bernoulli_layers",
     "concrete_sample",
     "gaussian_kl",

@@ -15,7 +15,15 @@ Layer names are the same with and without the masks ("conv1", "dense1", "logits"
 
 import keras
 
-from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense, InputConv2D
+from anp_vs_tf.layers import (
+    BetaBernoulliDropout,
+    FusedBatchNormalization,
+    GaussianConv2D,
+    GaussianDense,
+    InputConv2D,
+    SmallMapConv2D,
+)
+from anp_vs_tf.layers.small_map_conv import dense_is_cheaper
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -54,12 +62,17 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform", on_input=False):
-        """on_input: the conv reads the image; its input gradient (every attack step) is made fast."""
+             kernel_initializer="glorot_uniform", on_input=False, map_shape=None):
+        """on_input: the conv reads the image; its input gradient (every attack step) is made fast.
+        map_shape: the (H, W) it reads; a 'same' conv over a map smaller than its kernel runs as a matmul."""
         if self.bayesian:
             return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
-        conv = InputConv2D if on_input else keras.layers.Conv2D
+        conv = keras.layers.Conv2D
+        if on_input:
+            conv = InputConv2D
+        elif padding == "same" and map_shape is not None and dense_is_cheaper(map_shape, (kernel_size, kernel_size)):
+            conv = SmallMapConv2D
         return conv(filters, kernel_size, padding=padding, activation=activation,
                     use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
 
@@ -120,13 +133,13 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
             continue
         conv += 1
         x = make.conv(width, 3, f"conv{conv}", padding="same", use_bias=False,
-                      kernel_initializer="he_normal", on_input=conv == 1)(x)
-        x = keras.layers.BatchNormalization(name=f"bn{conv}")(x)
+                      kernel_initializer="he_normal", on_input=conv == 1, map_shape=x.shape[1:3])(x)
+        x = FusedBatchNormalization(name=f"bn{conv}")(x)
         x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
     x = keras.layers.Flatten(name="flatten")(x)
     for i in (1, 2):
         x = make.dense(512, f"dense{i}", use_bias=False, kernel_initializer="he_normal")(x)
-        x = keras.layers.BatchNormalization(name=f"dense{i}_bn")(x)
+        x = FusedBatchNormalization(name=f"dense{i}_bn")(x)
         x = hidden(keras.layers.ReLU(name=f"dense{i}_relu")(x), f"dense{i}")
     logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="vgg16")
