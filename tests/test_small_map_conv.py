@@ -1,4 +1,4 @@
-"""SmallMapConv2D: a 'same' convolution over a map smaller than its kernel, as one matmul."""
+"""SmallMapConv2D: a 'same' convolution over a small map: as one matmul, or with a matmul kernel gradient."""
 
 import keras
 import numpy as np
@@ -7,7 +7,13 @@ import tensorflow as tf
 
 from anp_vs_tf import models
 from anp_vs_tf.layers import SmallMapConv2D
-from anp_vs_tf.layers.small_map_conv import _tap_indices, conv2d_as_matmul, dense_is_cheaper
+from anp_vs_tf.layers.small_map_conv import (
+    SMALL_MAP,
+    _tap_indices,
+    conv2d_as_matmul,
+    conv2d_matmul_kernel_gradient,
+    dense_is_cheaper,
+)
 
 
 def test_tap_indices_by_hand():
@@ -32,9 +38,14 @@ def test_dense_is_cheaper_counts_multiply_adds():
     assert not dense_is_cheaper((None, 2), (3, 3))
 
 
-@pytest.mark.parametrize("map_shape, kernel", [((2, 2), (3, 3)), ((1, 1), (3, 3)), ((2, 3), (3, 5)),
-                                               ((1, 3), (2, 2)), ((2, 1), (5, 1))])
-def test_matmul_equals_tf_conv2d_with_gradients(map_shape, kernel):
+@pytest.mark.parametrize("conv, map_shape, kernel", [
+    (conv2d_as_matmul, (2, 2), (3, 3)), (conv2d_as_matmul, (1, 1), (3, 3)), (conv2d_as_matmul, (2, 3), (3, 5)),
+    (conv2d_as_matmul, (1, 3), (2, 2)), (conv2d_as_matmul, (2, 1), (5, 1)),
+    (conv2d_matmul_kernel_gradient, (4, 4), (3, 3)), (conv2d_matmul_kernel_gradient, (8, 8), (3, 3)),
+    (conv2d_matmul_kernel_gradient, (5, 7), (3, 4)),  # TF pads more at the bottom/right
+    (conv2d_matmul_kernel_gradient, (6, 6), (2, 2)),
+])
+def test_fast_paths_equal_tf_conv2d_with_gradients(conv, map_shape, kernel):
     x = tf.random.stateless_normal((3,) + map_shape + (4,), [0, 1])
     w = tf.random.stateless_normal(kernel + (4, 6), [0, 2])
     upstream = tf.random.stateless_normal((3,) + map_shape + (6,), [0, 3])
@@ -47,7 +58,7 @@ def test_matmul_equals_tf_conv2d_with_gradients(map_shape, kernel):
         return [y] + tape.gradient(loss, [x, w])
 
     reference = output_and_gradients(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"))
-    for a, b in zip(reference, output_and_gradients(conv2d_as_matmul)):
+    for a, b in zip(reference, output_and_gradients(conv)):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5, rtol=1e-5)
 
 
@@ -58,17 +69,29 @@ def test_layer_equals_conv2d_and_uses_the_matmul_only_where_it_applies():
     small.build(x.shape)
     small.set_weights(plain.get_weights())
     np.testing.assert_allclose(small(x).numpy(), plain(x).numpy(), atol=1e-5)
-    ops = {op.type for op in tf.function(small).get_concrete_function(x).graph.get_operations()}
-    assert "MatMul" in ops and "Conv2D" not in ops
-    big = tf.random.stateless_uniform((4, 5, 5, 8), [0, 5])  # 25 positions: Keras' own conv
-    ops = {op.type for op in tf.function(small).get_concrete_function(big).graph.get_operations()}
-    assert "Conv2D" in ops and "MatMul" not in ops
+    assert "MatMul" in ops_of(small, x) and "Conv2D" not in ops_of(small, x)
+    middle = tf.random.stateless_uniform((4, 4, 4, 8), [0, 5])  # the conv, its kernel gradient by matmuls
+    assert "Conv2D" in ops_of(small, middle) and "MatMul" in ops_of(small, middle, gradient=True)
+    np.testing.assert_allclose(small(middle).numpy(), plain(middle).numpy(), atol=1e-5)
+    big = tf.random.stateless_uniform((4, 9, 9, 8), [0, 6])  # 81 > SMALL_MAP positions: Keras' own conv
+    assert SMALL_MAP < 81 and "MatMul" not in ops_of(small, big, gradient=True)
     np.testing.assert_allclose(small(big).numpy(), plain(big).numpy(), atol=1e-5)
 
 
-def test_vgg16_uses_it_for_its_2x2_block_and_round_trips():
+def ops_of(layer, x, gradient=False):
+    def run(x):
+        if not gradient:
+            return layer(x)
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(layer(x))
+        return tape.gradient(y, layer.kernel)
+
+    return {op.type for op in tf.function(run).get_concrete_function(x).graph.get_operations()}
+
+
+def test_vgg16_uses_it_for_its_8x8_4x4_and_2x2_blocks_and_round_trips():
     backbone = models.vgg16()
     small = [layer.name for layer in backbone.layers if type(layer) is SmallMapConv2D]
-    assert small == ["conv11", "conv12", "conv13"]
+    assert small == [f"conv{i}" for i in range(5, 14)]
     restored = keras.Model.from_config(backbone.get_config())
     assert type(restored.get_layer("conv12")) is SmallMapConv2D

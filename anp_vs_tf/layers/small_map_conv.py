@@ -1,25 +1,33 @@
-"""`SmallMapConv2D`: a Conv2D for feature maps smaller than its kernel, run as one matmul.
+"""`SmallMapConv2D`: a Conv2D for small feature maps, where oneDNN's kernels do poorly.
 
-VGG-16 on 32x32 images ends in three 3x3 convolutions over 2x2 maps of 512 channels.
-With "same" padding, 5 of the 9 taps of every output position read zeros, and oneDNN's
-convolution kernels do poorly on such a map: on this 2-core CPU in bfloat16 (batch 128)
-each layer takes ~6.7 ms forward and ~27 ms with both gradients. Seen as a linear map
-from the H*W*C_in inputs to the H*W*C_out outputs, the same convolution is one matmul
-with a (H*W*C_in, H*W*C_out) matrix gathered from the kernel, H*W / (kh*kw) of the
-convolution's multiply-adds (4/9 here): ~3 ms forward and ~8 ms with both gradients.
-Every attack step runs these layers forward and backward, so the saving is paid out
-k + 2 times per adversarial training step.
+VGG-16 on 32x32 images ends in three 3x3 convolutions over 2x2 maps of 512 channels,
+after three over 4x4 and three over 8x8 maps. Measured on this 2-core CPU in bfloat16
+(batch 128), two things are slow there:
+
+- Over a map smaller than the kernel ("same" padding: at 2x2, 5 of the 9 taps of
+  every output read zeros) the convolution takes ~6.7 ms forward and ~27 ms with both
+  gradients. Seen as a linear map from the H*W*C_in inputs to the H*W*C_out outputs it
+  is one matmul with a matrix gathered from the kernel, H*W / (kh*kw) of the
+  convolution's multiply-adds (4/9 here): ~3 ms forward, ~8 ms with both gradients.
+- The kernel gradient (Conv2DBackpropFilter) over 4x4 and 8x8 maps runs at about half
+  the speed of the forward convolution: 28 ms for 4x4x512 -> 512 against 13 ms as
+  kh*kw matmuls of the shifted input with the output gradient.
+
+Every attack step runs these layers forward and backward (the first point pays k + 2
+times per adversarial training step); training pays the second, for both views.
 
 The layer is otherwise a `keras.layers.Conv2D` (same weights, config and results to
-float rounding), and the matmul is used only where it applies and costs fewer
-multiply-adds: TensorFlow, channels_last, stride 1, no dilation, one group, "same"
-padding, a static map with H*W < kh*kw. `export.compact` turns it back into a plain
-Conv2D.
+float rounding). The fast paths are used only where they apply: TensorFlow,
+channels_last, stride 1, no dilation, one group, "same" padding, a static map; the
+matmul where H*W < kh*kw, the kernel gradient by matmuls where H*W <= SMALL_MAP.
+`export.compact` turns the layer back into a plain Conv2D.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+SMALL_MAP = 64  # positions (8x8): up to here the kernel gradient by matmuls measured faster
 
 
 def dense_is_cheaper(map_shape, kernel_size):
@@ -51,11 +59,39 @@ def conv2d_as_matmul(x, kernel):
     return tf.reshape(y, [-1, height, width, filters])
 
 
+def _same_padding(size, k):
+    """TensorFlow's 'same' padding at stride 1: (before, after)."""
+    return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+def conv2d_matmul_kernel_gradient(x, kernel):
+    """tf.nn.conv2d(x, kernel, 1, "SAME"), whose kernel gradient is kh*kw matmuls of the
+    shifted input with the output gradient; the input gradient is TensorFlow's own."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    kh, kw, _, filters = kernel.shape
+
+    @tf.custom_gradient
+    def convolve(x, kernel):
+        def gradient(dy):
+            dx = tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME")
+            padded = tf.pad(x, [[0, 0], _same_padding(height, kh), _same_padding(width, kw), [0, 0]])
+            dy_rows = tf.reshape(dy, [-1, filters])
+            taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width], [-1, channels]), dy_rows,
+                              transpose_a=True)
+                    for i in range(kh) for j in range(kw)]
+            return dx, tf.reshape(tf.stack(taps), [kh, kw, channels, filters])
+
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), gradient
+
+    return convolve(x, kernel)
+
+
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
 class SmallMapConv2D(keras.layers.Conv2D):
-    """A `keras.layers.Conv2D` computed as one matmul where the map is smaller than the kernel."""
+    """A `keras.layers.Conv2D` with faster passes over maps of at most SMALL_MAP positions."""
 
-    def _dense_path(self, inputs):
+    def _applies(self, inputs):
         return (
             keras.backend.backend() == "tensorflow"
             and self.data_format == "channels_last"
@@ -64,11 +100,15 @@ class SmallMapConv2D(keras.layers.Conv2D):
             and self.groups == 1
             and self.padding == "same"
             and len(inputs.shape) == 4
-            and dense_is_cheaper(inputs.shape[1:3], self.kernel_size)
+            and None not in inputs.shape[1:]
+            and inputs.shape[1] * inputs.shape[2] <= SMALL_MAP
         )
 
     def convolution_op(self, inputs, kernel):
-        if not self._dense_path(inputs):
+        if not self._applies(inputs):
             return super().convolution_op(inputs, kernel)
         kernel = tf.convert_to_tensor(kernel)
-        return conv2d_as_matmul(tf.cast(inputs, kernel.dtype), kernel)
+        inputs = tf.cast(inputs, kernel.dtype)
+        if dense_is_cheaper(inputs.shape[1:3], self.kernel_size):
+            return conv2d_as_matmul(inputs, kernel)
+        return conv2d_matmul_kernel_gradient(inputs, kernel)

@@ -23,7 +23,7 @@ from anp_vs_tf.layers import (
     InputConv2D,
     SmallMapConv2D,
 )
-from anp_vs_tf.layers.small_map_conv import dense_is_cheaper
+from anp_vs_tf.layers.small_map_conv import SMALL_MAP
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -62,16 +62,16 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform", on_input=False, map_shape=None):
+             kernel_initializer="glorot_uniform", on_input=False, map_shape=(None, None)):
         """on_input: the conv reads the image; its input gradient (every attack step) is made fast.
-        map_shape: the (H, W) it reads; a 'same' conv over a map smaller than its kernel runs as a matmul."""
+        map_shape: the (H, W) it reads; 'same' convs over small maps get faster passes (SmallMapConv2D)."""
         if self.bayesian:
             return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
         conv = keras.layers.Conv2D
         if on_input:
             conv = InputConv2D
-        elif padding == "same" and map_shape is not None and dense_is_cheaper(map_shape, (kernel_size, kernel_size)):
+        elif padding == "same" and None not in map_shape and map_shape[0] * map_shape[1] <= SMALL_MAP:
             conv = SmallMapConv2D
         return conv(filters, kernel_size, padding=padding, activation=activation,
                     use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
