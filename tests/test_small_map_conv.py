@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from anp_vs_tf import models
+from anp_vs_tf import models, precision
 from anp_vs_tf.layers import SmallMapConv2D
 from anp_vs_tf.layers.small_map_conv import (
     SMALL_MAP,
@@ -70,12 +70,17 @@ def test_layer_equals_conv2d_and_uses_the_matmul_only_where_it_applies():
     small.set_weights(plain.get_weights())
     np.testing.assert_allclose(small(x).numpy(), plain(x).numpy(), atol=1e-5)
     assert "MatMul" in ops_of(small, x) and "Conv2D" not in ops_of(small, x)
-    middle = tf.random.stateless_uniform((4, 4, 4, 8), [0, 5])  # the conv, its kernel gradient by matmuls
-    assert "Conv2D" in ops_of(small, middle) and "MatMul" in ops_of(small, middle, gradient=True)
+    middle = tf.random.stateless_uniform((4, 4, 4, 8), [0, 5])  # float32: Keras' own conv
+    assert "Conv2D" in ops_of(small, middle) and "MatMul" not in ops_of(small, middle, gradient=True)
     np.testing.assert_allclose(small(middle).numpy(), plain(middle).numpy(), atol=1e-5)
-    big = tf.random.stateless_uniform((4, 9, 9, 8), [0, 6])  # 81 > SMALL_MAP positions: Keras' own conv
-    assert SMALL_MAP < 81 and "MatMul" not in ops_of(small, big, gradient=True)
-    np.testing.assert_allclose(small(big).numpy(), plain(big).numpy(), atol=1e-5)
+    with precision.dtype_policy(precision.MIXED_POLICY):  # bfloat16: its kernel gradient by matmuls
+        mixed = SmallMapConv2D(5, 3, padding="same")
+        mixed.build(middle.shape)
+        large = SmallMapConv2D(5, 3, padding="same")
+    assert "Conv2D" in ops_of(mixed, middle) and "MatMul" in ops_of(mixed, middle, gradient=True)
+    big = tf.random.stateless_uniform((4, 17, 17, 8), [0, 6])  # 289 > SMALL_MAP positions: Keras' own conv
+    large.build(big.shape)
+    assert SMALL_MAP < 17 * 17 and "MatMul" not in ops_of(large, big, gradient=True)
 
 
 def ops_of(layer, x, gradient=False):
@@ -89,9 +94,9 @@ def ops_of(layer, x, gradient=False):
     return {op.type for op in tf.function(run).get_concrete_function(x).graph.get_operations()}
 
 
-def test_vgg16_uses_it_for_its_8x8_4x4_and_2x2_blocks_and_round_trips():
+def test_vgg16_uses_it_from_its_16x16_maps_on_and_round_trips():
     backbone = models.vgg16()
     small = [layer.name for layer in backbone.layers if type(layer) is SmallMapConv2D]
-    assert small == [f"conv{i}" for i in range(5, 14)]
+    assert small == [f"conv{i}" for i in range(3, 14)]
     restored = keras.Model.from_config(backbone.get_config())
     assert type(restored.get_layer("conv12")) is SmallMapConv2D

@@ -1,7 +1,7 @@
 """`SmallMapConv2D`: a Conv2D for small feature maps, where oneDNN's kernels do poorly.
 
 VGG-16 on 32x32 images ends in three 3x3 convolutions over 2x2 maps of 512 channels,
-after three over 4x4 and three over 8x8 maps. Measured on this 2-core CPU in bfloat16
+after three over 4x4, three over 8x8 and two over 16x16 maps. Measured on this 2-core CPU in bfloat16
 (batch 128), two things are slow there:
 
 - Over a map smaller than the kernel ("same" padding: at 2x2, 5 of the 9 taps of
@@ -9,17 +9,21 @@ after three over 4x4 and three over 8x8 maps. Measured on this 2-core CPU in bfl
   gradients. Seen as a linear map from the H*W*C_in inputs to the H*W*C_out outputs it
   is one matmul with a matrix gathered from the kernel, H*W / (kh*kw) of the
   convolution's multiply-adds (4/9 here): ~3 ms forward, ~8 ms with both gradients.
-- The kernel gradient (Conv2DBackpropFilter) over 4x4 and 8x8 maps runs at about half
-  the speed of the forward convolution: 28 ms for 4x4x512 -> 512 against 13 ms as
-  kh*kw matmuls of the shifted input with the output gradient.
+- In bfloat16, the kernel gradient (Conv2DBackpropFilter) runs no faster than in
+  float32, about half the speed of the forward convolution: 28 ms for 4x4x512 -> 512
+  against 13 ms as kh*kw matmuls of the shifted input with the output gradient. Inside
+  a training step the difference is larger still: with the matmuls over the 16x16 to
+  4x4 maps a VGG-16 AT step took 2.9 s instead of 3.2 s. Over 32x32 maps, and in
+  float32, the matmuls were slower, so they are used for bfloat16 up to SMALL_MAP.
 
-Every attack step runs these layers forward and backward (the first point pays k + 2
+Every attack step runs the 2x2 layers forward and backward (the first point pays k + 2
 times per adversarial training step); training pays the second, for both views.
 
 The layer is otherwise a `keras.layers.Conv2D` (same weights, config and results to
 float rounding). The fast paths are used only where they apply: TensorFlow,
 channels_last, stride 1, no dilation, one group, "same" padding, a static map; the
-matmul where H*W < kh*kw, the kernel gradient by matmuls where H*W <= SMALL_MAP.
+matmul where H*W < kh*kw, else the kernel gradient by matmuls in bfloat16 where
+H*W <= SMALL_MAP.
 `export.compact` turns the layer back into a plain Conv2D.
 """
 
@@ -27,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-SMALL_MAP = 64  # positions (8x8): up to here the kernel gradient by matmuls measured faster
+SMALL_MAP = 256  # positions (16x16): up to here the kernel gradient by matmuls measured faster
 
 
 def dense_is_cheaper(map_shape, kernel_size):
@@ -111,4 +115,6 @@ class SmallMapConv2D(keras.layers.Conv2D):
         inputs = tf.cast(inputs, kernel.dtype)
         if dense_is_cheaper(inputs.shape[1:3], self.kernel_size):
             return conv2d_as_matmul(inputs, kernel)
-        return conv2d_matmul_kernel_gradient(inputs, kernel)
+        if inputs.dtype == tf.bfloat16:
+            return conv2d_matmul_kernel_gradient(inputs, kernel)
+        return super().convolution_op(inputs, kernel)
