@@ -94,9 +94,9 @@ def ops_of(layer, x, gradient=False):
     return {op.type for op in tf.function(run).get_concrete_function(x).graph.get_operations()}
 
 
-def test_vgg16_uses_it_from_its_16x16_maps_on_and_round_trips():
+def test_vgg16_uses_it_from_its_8x8_maps_on_and_round_trips():
     backbone = models.vgg16()
     small = [layer.name for layer in backbone.layers if type(layer) is SmallMapConv2D]
-    assert small == [f"conv{i}" for i in range(3, 14)]
+    assert small == [f"conv{i}" for i in range(5, 14)]
     restored = keras.Model.from_config(backbone.get_config())
     assert type(restored.get_layer("conv12")) is SmallMapConv2D

@@ -1,7 +1,7 @@
 """`SmallMapConv2D`: a Conv2D for small feature maps, where oneDNN's kernels do poorly.
 
 VGG-16 on 32x32 images ends in three 3x3 convolutions over 2x2 maps of 512 channels,
-after three over 4x4, three over 8x8 and two over 16x16 maps. Measured on this 2-core CPU in bfloat16
+after three over 4x4 and three over 8x8 maps. Measured on this 2-core CPU in bfloat16
 (batch 128), two things are slow there:
 
 - Over a map smaller than the kernel ("same" padding: at 2x2, 5 of the 9 taps of
@@ -12,9 +12,11 @@ after three over 4x4, three over 8x8 and two over 16x16 maps. Measured on this 2
 - In bfloat16, the kernel gradient (Conv2DBackpropFilter) runs no faster than in
   float32, about half the speed of the forward convolution: 28 ms for 4x4x512 -> 512
   against 13 ms as kh*kw matmuls of the shifted input with the output gradient. Inside
-  a training step the difference is larger still: with the matmuls over the 16x16 to
-  4x4 maps a VGG-16 AT step took 2.9 s instead of 3.2 s. Over 32x32 maps, and in
-  float32, the matmuls were slower, so they are used for bfloat16 up to SMALL_MAP.
+  a training step the difference is larger still: with the matmuls over the 8x8 and
+  4x4 maps a VGG-16 AT step took 2.84 s instead of 3.21 s. Adding the 16x16 maps gave
+  -3% on the bare step but +2% and +5% on AT and standard training in `fit`; over
+  32x32 maps, and in float32, the matmuls were slower. So they are used for bfloat16
+  up to SMALL_MAP positions.
 
 Every attack step runs the 2x2 layers forward and backward (the first point pays k + 2
 times per adversarial training step); training pays the second, for both views.
@@ -31,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-SMALL_MAP = 256  # positions (16x16): up to here the kernel gradient by matmuls measured faster
+SMALL_MAP = 64  # positions (8x8): up to here the kernel gradient by matmuls measured faster
 
 
 def dense_is_cheaper(map_shape, kernel_size):
