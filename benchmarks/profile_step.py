@@ -1,23 +1,30 @@
 """Where the time of an adversarial training step goes: a decomposition, in one run.
 
     python benchmarks/profile_step.py [--model lenet5_caffe] [--k 20] [--batch 128] [--trace DIR]
+        [--mixed_precision] [--ops]
 
 Times (median of --repeats compiled calls, after warm-up) of: a standard step; the
 AT and ANP-VS steps; the same steps with a 0-step attack (what training costs beside
 the attack); PGD-k alone; one input-gradient pass (one attack step) and one forward
 pass of the deterministic network; and the first convolution's input gradient (the op
 an attack needs and training does not). --trace DIR also records a TensorFlow profiler
-trace of a few AT steps for TensorBoard's profile plugin.
+trace of a few AT steps for TensorBoard's profile plugin; --ops prints that trace's time
+per op type (summed over the executor's threads, so ops that overlap count twice).
+--mixed_precision builds the models under Keras' mixed_bfloat16 policy.
 """
 
 import argparse
+import collections
+import glob
+import os
+import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf import attacks, models
+from anp_vs_tf import attacks, models, precision
 from anp_vs_tf.models.folding import folded_logits
 from anp_vs_tf.trainers import RobustModel, get_method
 
@@ -38,12 +45,33 @@ def robust_model(name, args, steps):
     keras.utils.set_random_seed(0)
     method = get_method(name, beta_kl=4.0, lambda_vs=1e-3, num_train_examples=60000)
     shape, classes = INPUTS[args.model]
-    backbone = models.build_model(args.model, shape, classes, prunable=method.prunes)
+    with precision.dtype_policy(precision.MIXED_POLICY if args.mixed_precision else "float32"):
+        backbone = models.build_model(args.model, shape, classes, prunable=method.prunes)
     adversary = attacks.PGD(args.eps, args.step, steps) if method.adversarial else None
     model = RobustModel(backbone, method, adversary=adversary, seed=0)
     model.compile(keras.optimizers.Adam(1e-3),
                   mask_optimizer=keras.optimizers.Adam(1e-2) if method.prunes else None)
     return model
+
+
+def op_times(trace_dir, steps):
+    """[(op type, ms per step)] from the newest profiler trace under trace_dir, largest first."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TensorFlow's own trace format
+
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):  # the executor's threads run the ops
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name  # "op name:OpType"
+                op_type = name.rsplit(":", 1)[-1]
+                if ":" in name and op_type != "Process":  # "Process": the executor's own span
+                    totals[op_type] += event.duration_ps / 1e9 / steps
+    return totals.most_common()
 
 
 def main():
@@ -55,7 +83,11 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--trace", help="write a TensorFlow profiler trace of 5 AT steps here")
+    parser.add_argument("--ops", action="store_true", help="print the trace's time per op type")
+    parser.add_argument("--mixed_precision", action="store_true", help="compute in bfloat16 (mixed_bfloat16)")
     args = parser.parse_args()
+    if args.ops and not args.trace:
+        args.trace = tempfile.mkdtemp(prefix="profile_step_")
     shape, classes = INPUTS[args.model]
     x = tf.random.stateless_uniform((args.batch,) + shape, [0, 1])
     y = tf.random.stateless_uniform((args.batch,), [0, 2], 0, classes, tf.int32)
@@ -85,6 +117,8 @@ def main():
             for _ in range(5):
                 train()
             tf.profiler.experimental.stop()
+            if args.ops:
+                ops = op_times(args.trace, 5)
 
     conv = next(l for l in robust_model("standard", args, 0).backbone.layers
                 if isinstance(l, keras.layers.Conv2D))
@@ -101,9 +135,14 @@ def main():
         tf.function(lambda: tf.nn.conv2d(x, conv.kernel, conv.strides, conv.padding.upper())), args.repeats)
 
     width = max(map(len, rows))
-    print(f"{args.model}, batch {args.batch}, PGD-{args.k}: median ms")
+    dtype = "bfloat16" if args.mixed_precision else "float32"
+    print(f"{args.model}, batch {args.batch}, PGD-{args.k}, {dtype}: median ms")
     for name, ms in rows.items():
         print(f"  {name:{width}s} {ms:9.2f}")
+    if args.ops:
+        print(f"AT step, ms per step by op type, summed over threads ({args.trace}):")
+        for op, ms in ops[:20]:
+            print(f"  {op:{width}s} {ms:9.2f}")
 
 
 if __name__ == "__main__":
