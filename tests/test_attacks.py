@@ -48,6 +48,23 @@ def test_pgd_is_compiled_as_one_while_loop():
     assert "MatMul" not in ops  # the forward and backward passes live in the loop body only
 
 
+def test_compiled_attack_takes_each_gradient_in_its_own_function_and_equals_the_eager_attack():
+    """In a graph, a step's gradient is a non-inlined function (oneDNN then rewrites its
+    MaxPoolGrad in every trace); the adversarial examples are those of the eager attack."""
+    keras = tf.keras
+    model = keras.Sequential([keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.MaxPooling2D(2),
+                              keras.layers.Flatten(), keras.layers.Dense(10)])
+    x, y = tf.random.stateless_uniform((8, 10, 10, 1), [0, 7]), tf.constant([0, 1, 2, 3, 4, 5, 6, 7])
+    model(x)
+    attack, seed = PGD(0.2, 0.05, 4), tf.constant([1, 1])
+    compiled = tf.function(lambda x, y: attack(model, x, y, seed))
+    np.testing.assert_allclose(compiled(x, y).numpy(), attack(model, x, y, seed).numpy(), atol=1e-6)
+    library = compiled.get_concrete_function(x, y).graph.as_graph_def().library.function
+    own = [f for f in library if f.attr["_noinline"].b]
+    assert len(own) == 1
+    assert "MaxPoolGrad" in {node.op for node in own[0].node_def}
+
+
 def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist_subset):
     _, _, x, y = mnist_subset
     x, y = tf.constant(x[:64]), tf.constant(y[:64])
