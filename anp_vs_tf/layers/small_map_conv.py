@@ -65,8 +65,8 @@ def conv2d_as_matmul(x, kernel):
     return tf.reshape(y, [-1, height, width, filters])
 
 
-def _same_padding(size, k):
-    """TensorFlow's 'same' padding at stride 1: (before, after)."""
+def _same_padding(k):
+    """TensorFlow's 'same' padding of a size-k kernel at stride 1: (before, after)."""
     return (k - 1) // 2, k - 1 - (k - 1) // 2
 
 
@@ -81,7 +81,7 @@ def conv2d_matmul_kernel_gradient(x, kernel):
         def gradient(dy):
             dx = tf.raw_ops.Conv2DBackpropInput(
                 input_sizes=tf.shape(x), filter=kernel, out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME")
-            padded = tf.pad(x, [[0, 0], _same_padding(height, kh), _same_padding(width, kw), [0, 0]])
+            padded = tf.pad(x, [[0, 0], _same_padding(kh), _same_padding(kw), [0, 0]])
             dy_rows = tf.reshape(dy, [-1, filters])
             taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width], [-1, channels]), dy_rows,
                               transpose_a=True)
