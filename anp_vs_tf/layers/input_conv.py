@@ -55,17 +55,25 @@ def conv2d_fast_input_gradient(x, kernel, padding):
     return convolve(x, kernel)
 
 
+def is_plain_stride1_conv(layer):
+    """True for a Conv2D whose op is tf.nn.conv2d at stride 1 (TensorFlow, channels_last,
+    no dilation, one group): the case the package's faster convolution paths rewrite."""
+    return (
+        keras.backend.backend() == "tensorflow"
+        and layer.data_format == "channels_last"
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.groups == 1
+    )
+
+
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
 class InputConv2D(keras.layers.Conv2D):
     """A `keras.layers.Conv2D` with a faster gradient with respect to a few-channel input."""
 
     def _fast_path(self, inputs):
         return (
-            keras.backend.backend() == "tensorflow"
-            and self.data_format == "channels_last"
-            and tuple(self.strides) == (1, 1)
-            and tuple(self.dilation_rate) == (1, 1)
-            and self.groups == 1
+            is_plain_stride1_conv(self)
             and inputs.shape[-1] is not None and inputs.shape[-1] <= MAX_FAST_CHANNELS
             and inputs.shape[1] is not None and inputs.shape[2] is not None
         )

@@ -33,6 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from anp_vs_tf.layers.input_conv import is_plain_stride1_conv
+
 SMALL_MAP = 64  # positions (8x8): up to here the kernel gradient by matmuls measured faster
 
 
@@ -99,11 +101,7 @@ class SmallMapConv2D(keras.layers.Conv2D):
 
     def _applies(self, inputs):
         return (
-            keras.backend.backend() == "tensorflow"
-            and self.data_format == "channels_last"
-            and tuple(self.strides) == (1, 1)
-            and tuple(self.dilation_rate) == (1, 1)
-            and self.groups == 1
+            is_plain_stride1_conv(self)
             and self.padding == "same"
             and len(inputs.shape) == 4
             and None not in inputs.shape[1:]
