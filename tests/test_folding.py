@@ -57,10 +57,14 @@ def test_folded_network_equals_the_deployed_one(name, prunable):
     expected_logits, expected_gradient = logits_and_input_gradient(deployed, x)
     logits, gradient = logits_and_input_gradient(folded_logits(backbone), x)
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5 * np.abs(expected_logits).max())
-    # The network is piecewise linear: with equal logits, the gradients differ only where
-    # rounding moved a ReLU or max-pool kink (single entries); a wrong fold changes all.
-    error = np.linalg.norm(gradient - expected_gradient) / np.linalg.norm(expected_gradient)
-    assert error < 1e-2, error
+    # The network is piecewise linear: with equal logits, an example's gradient differs
+    # only where rounding moved a ReLU or max-pool kink, which reroutes part of that one
+    # example's gradient (by a few percent in VGG-16, depending on the order of float
+    # sums); a wrong fold changes every example's.
+    per_example = lambda g: g.reshape(len(g), -1)  # noqa: E731
+    errors = (np.linalg.norm(per_example(gradient - expected_gradient), axis=1)
+              / np.linalg.norm(per_example(expected_gradient), axis=1))
+    assert np.median(errors) < 1e-3, errors
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
