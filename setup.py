@@ -33,8 +33,10 @@ setup(
     ],
     extras_require={
         # nbclient + ipykernel execute the notebooks in the tests.
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "scipy>=1.10", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29"],
+        # pytest-xdist runs the tests in two processes: much of a test's time is
+        # single-threaded (tracing, starting TensorFlow in a subprocess).
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "scipy>=1.10", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel>=6.29"],
         # benchmarks/throughput.py compares with the Adversarial Robustness Toolbox.
         "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },
