@@ -53,7 +53,7 @@ CASES = {
     "lenet5_mnist": dict(model="lenet5_caffe", dataset="mnist", k=20, eps=0.3, step=0.01,
                          steps=5, windows=5),
     "vgg16_cifar10": dict(model="vgg16", dataset="cifar10", k=10, eps=0.03, step=0.007,
-                          steps=1, windows=3),
+                          steps=1, windows=3, count_first=True),
 }
 BATCH = 128
 OURS = ("standard", "at", "anp_vs")
@@ -126,7 +126,7 @@ def run_case(name, case, one_execution_per_window=False, policy="float32", art_o
                .prefetch(tf.data.AUTOTUNE))
     per_execution = case["steps"] if one_execution_per_window else 1
     runs = {method: fit_window(our_model(method, case, input_shape, classes, per_execution, policy), dataset,
-                               case["steps"])
+                               case["steps"], count_first=case.get("count_first", False))
             for method in OURS}
     runs["art_at"] = art_window(case, x, y, input_shape, classes)
     if art_our_layers:

@@ -14,19 +14,26 @@ import numpy as np
 class _Clock(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
+        self.started = None
         self.stamps = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.started is None:
+            self.started = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.stamps.append(time.perf_counter())
 
 
-def fit_window(model, dataset, steps):
+def fit_window(model, dataset, steps, count_first=False):
     """A `run_window` for a Keras model: seconds of `steps` training steps.
 
     One `fit` call of `steps` more than one execution (Keras' `steps_per_execution`
     steps, 1 by default), timed from the end of the first execution to the end of the
     last, so the call's setup is not counted. The compiled step is reused from call
-    to call.
+    to call. count_first: a call of `steps` steps only, timed from the start of the
+    first: for steps of many seconds, where the setup is lost in the noise and one
+    step more per window is minutes more per run.
     """
     per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
     if steps % per_execution:
@@ -34,8 +41,9 @@ def fit_window(model, dataset, steps):
 
     def run_window():
         clock = _Clock()
-        model.fit(dataset, steps_per_epoch=steps + per_execution, epochs=1, verbose=0, callbacks=[clock])
-        return clock.stamps[-1] - clock.stamps[0]
+        model.fit(dataset, steps_per_epoch=steps + (0 if count_first else per_execution), epochs=1, verbose=0,
+                  callbacks=[clock])
+        return clock.stamps[-1] - (clock.started if count_first else clock.stamps[0])
 
     return run_window
 
