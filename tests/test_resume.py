@@ -111,8 +111,8 @@ def test_an_unfinished_checkpoint_is_never_the_one_restored(uninterrupted, tmp_p
 
 
 # Whether a NaN image gives a NaN loss in its own step depends on the CPU's kernels:
-# oneDNN's ReLU and max-pool return 0 for a NaN input on some CPUs (seen with AVX-512)
-# and NaN on others (AVX2). Where NaN is dropped, the loss stays finite one step longer
+# oneDNN's ReLU and max-pool returned 0 for a NaN input on the CPU this test was first
+# written on, and NaN on an AVX2 AMD EPYC. Where NaN is dropped, the loss stays finite one step longer
 # but the gradients are not, so the weights turn NaN and the next step's loss is NaN.
 @pytest.mark.parametrize("first_nan_batch, stops, checkpoints_left", [
     # Step 36 is the first on NaN images: its loss is NaN, or else step 37's is.
