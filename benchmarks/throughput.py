@@ -20,7 +20,7 @@ machine's speed drifts; see timing.py); the median window gives examples/s.
   art_at    ART: TensorFlowV2Classifier over the same network (no masks) written with
             plain Keras layers, as an ART user writes it (`export.compact` of the
             backbone: keras Conv2D and BatchNormalization where the zoo has
-            InputConv2D, SmallMapConv2D and FusedBatchNormalization),
+            InputConv2D, SameConv2D and FusedBatchNormalization),
             ProjectedGradientDescent with the same settings, AdversarialTrainer with
             ratio 1.0 (every example of the batch replaced by its adversarial version,
             i.e. one PGD-k on the whole batch and one training pass: less work per step

@@ -28,11 +28,10 @@ disappear; the compact model outputs the logits only.
 import keras
 import numpy as np
 
+from anp_vs_tf.layers import FAST_CONV2D_LAYERS
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
 from anp_vs_tf.layers.fused_batch_norm import FusedBatchNormalization
-from anp_vs_tf.layers.input_conv import InputConv2D
 from anp_vs_tf.layers.select_features import SelectFeatures
-from anp_vs_tf.layers.small_map_conv import SmallMapConv2D
 from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
 
 L = keras.layers
@@ -103,7 +102,7 @@ class _Builder:
             return keras.Input(shape=tuple(out.shape[1:]), dtype=out.dtype, name=layer.name), None
         x, scale = inputs[0]
         kept_in = self.kept[id(node.input_tensors[0])]
-        if type(layer) in (L.Conv2D, InputConv2D, SmallMapConv2D, L.Dense):
+        if type(layer) in (L.Conv2D, L.Dense) + FAST_CONV2D_LAYERS:
             return self._linear(layer, x, scale, kept_in, kept_out), None
         if isinstance(layer, BetaBernoulliDropout):
             mask = keras.ops.convert_to_numpy(layer.inference_mask()).astype(np.float64)

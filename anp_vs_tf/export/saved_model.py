@@ -144,7 +144,7 @@ def _report(model, small, version, source_path, staging, notes, max_diff):
     before = complexity(getattr(model, "backbone", model))
     widths = {
         row.name: {"before": row.units_out[0], "after": row.units_out[1]}
-        for row in before.layers if row.class_name.endswith(("Conv2D", "Dense"))  # InputConv2D, SmallMapConv2D too
+        for row in before.layers if row.class_name.endswith(("Conv2D", "Dense"))  # InputConv2D, SameConv2D too
     }
     files = {
         "saved_model_bytes": _dir_bytes(staging, skip=(KERAS_FILE, REPORT_FILE)),

@@ -26,15 +26,14 @@ loop tensors folded once outside it.
 import keras
 import tensorflow as tf
 
+from anp_vs_tf.layers import FAST_CONV2D_LAYERS
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
-from anp_vs_tf.layers.input_conv import InputConv2D
-from anp_vs_tf.layers.small_map_conv import SmallMapConv2D
 from anp_vs_tf.metrics.complexity import _nodes_in_order
 from anp_vs_tf.models.backbone import split_outputs
 
 L = keras.layers
 # Exactly these types: a subclass may compute something else in its call().
-_LINEAR = (L.Conv2D, L.Dense, InputConv2D, SmallMapConv2D)
+_LINEAR = (L.Conv2D, L.Dense) + FAST_CONV2D_LAYERS
 
 
 def _is_linear(layer):

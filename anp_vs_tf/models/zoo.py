@@ -21,9 +21,8 @@ from anp_vs_tf.layers import (
     GaussianConv2D,
     GaussianDense,
     InputConv2D,
-    SmallMapConv2D,
+    SameConv2D,
 )
-from anp_vs_tf.layers.small_map_conv import SMALL_MAP
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -62,17 +61,17 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform", on_input=False, map_shape=(None, None)):
+             kernel_initializer="glorot_uniform", on_input=False):
         """on_input: the conv reads the image; its input gradient (every attack step) is made fast.
-        map_shape: the (H, W) it reads; 'same' convs over small maps get faster passes (SmallMapConv2D)."""
+        Stride-1 'same' convs get faster passes on CPU (SameConv2D)."""
         if self.bayesian:
             return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
         conv = keras.layers.Conv2D
         if on_input:
             conv = InputConv2D
-        elif padding == "same" and None not in map_shape and map_shape[0] * map_shape[1] <= SMALL_MAP:
-            conv = SmallMapConv2D
+        elif padding == "same":
+            conv = SameConv2D
         return conv(filters, kernel_size, padding=padding, activation=activation,
                     use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
 
@@ -133,7 +132,7 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
             continue
         conv += 1
         x = make.conv(width, 3, f"conv{conv}", padding="same", use_bias=False,
-                      kernel_initializer="he_normal", on_input=conv == 1, map_shape=x.shape[1:3])(x)
+                      kernel_initializer="he_normal", on_input=conv == 1)(x)
         x = FusedBatchNormalization(name=f"bn{conv}")(x)
         x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
     x = keras.layers.Flatten(name="flatten")(x)

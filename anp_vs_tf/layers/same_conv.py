@@ -1,0 +1,136 @@
+"""`SameConv2D`: a stride-1 'same' Conv2D whose passes are rewritten where oneDNN is slow on CPU.
+
+VGG-16's conv2-conv13 are 3x3 'same' convolutions over maps from 32x32 down to 2x2. An
+attack step runs each of them forward and back to its input, k times per adversarial
+training step. Measured on 2-core CPUs, batch 128, three of TensorFlow's kernels are slow:
+
+- **The input gradient** (Conv2DBackpropInput). On an AVX2 CPU (AMD Zen 3), in float32,
+  for VGG-16's 9.7-GFLOP layers it takes 185 / 152 / 151 / 452 ms over 32x32 / 16x16 /
+  8x8 / 4x4 maps, against 114 / 71 / 74 / 70 ms for the forward convolution (and
+  829 ms against 19 over 2x2). It is the transpose of the same linear map: a
+  convolution of the output gradient with the kernel flipped in space and its two
+  channel axes swapped, padded the mirrored way (`transposed_kernel`), which runs as a
+  forward convolution: 99 / 75 / 71 / 60 ms. It is used at every map size.
+- **Over a map smaller than the kernel** (at 2x2, 5 of the 9 taps of every output read
+  zeros) the convolution is one matmul with a matrix gathered from the kernel,
+  H*W / (kh*kw) of the multiply-adds (4/9 here): in bfloat16 ~3 ms forward and ~8 ms
+  with both gradients, against ~6.7 and ~27 ms.
+- **In bfloat16, the kernel gradient** (Conv2DBackpropFilter) runs no faster than in
+  float32, half the speed of the forward convolution on a CPU with bfloat16 arithmetic:
+  28 ms for 4x4x512 -> 512 against 13 ms as kh*kw matmuls of the shifted input with the
+  output gradient. That held up to 8x8 maps (SMALL_MAP positions) inside training
+  steps; over larger maps, and in float32, the matmuls were slower.
+
+The layer is otherwise a `keras.layers.Conv2D` (same weights, config and results to
+float rounding), and the rewrites apply only where they are exact: TensorFlow,
+channels_last, stride 1, no dilation, one group, "same" padding, a static map.
+`export.compact` turns the layer back into a plain Conv2D.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from anp_vs_tf.layers.input_conv import is_plain_stride1_conv
+
+SMALL_MAP = 64  # positions (8x8): up to here the bfloat16 kernel gradient by matmuls measured faster
+
+
+def dense_is_cheaper(map_shape, kernel_size):
+    """True if a stride-1 'same' convolution over an (H, W) map costs fewer multiply-adds as a matmul."""
+    height, width = map_shape
+    return height is not None and width is not None and height * width < kernel_size[0] * kernel_size[1]
+
+
+def _tap_indices(height, width, kh, kw):
+    """(H*W, H*W) int array: the kernel tap that links input position p to output position q,
+    or kh*kw (a zero tap) where the two are further apart than the kernel reaches."""
+    top, left = _same_padding(kh)[0], _same_padding(kw)[0]
+    a, b = np.divmod(np.arange(height * width), width)  # row and column of each position
+    row_tap = a[:, None] - a[None, :] + top
+    col_tap = b[:, None] - b[None, :] + left
+    inside = (row_tap >= 0) & (row_tap < kh) & (col_tap >= 0) & (col_tap < kw)
+    return np.where(inside, row_tap * kw + col_tap, kh * kw).astype(np.int32)
+
+
+def conv2d_as_matmul(x, kernel):
+    """tf.nn.conv2d(x, kernel, 1, "SAME") for a static (H, W) map, as one matmul."""
+    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
+    kh, kw, _, filters = kernel.shape
+    taps = tf.reshape(kernel, [kh * kw, channels, filters])
+    taps = tf.concat([taps, tf.zeros_like(taps[:1])], axis=0)
+    matrix = tf.gather(taps, _tap_indices(height, width, kh, kw))  # (HW_in, HW_out, C_in, C_out)
+    matrix = tf.reshape(tf.transpose(matrix, [0, 2, 1, 3]), [height * width * channels, -1])
+    y = tf.matmul(tf.reshape(x, [-1, height * width * channels]), matrix)
+    return tf.reshape(y, [-1, height, width, filters])
+
+
+def _same_padding(k):
+    """TensorFlow's 'same' padding of a size-k kernel at stride 1: (before, after)."""
+    return (k - 1) // 2, k - 1 - (k - 1) // 2
+
+
+def transposed_kernel(kernel):
+    """The kernel of the transposed convolution: flipped in space, input and output channels swapped.
+
+    tf.reverse, not kernel[::-1, ::-1]: a negative-stride slice of a 3x3x512x512 kernel
+    took 30 ms against 3, and it runs in every attack step."""
+    return tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+
+
+def conv2d_same(x, kernel, kernel_gradient_by_matmuls=False):
+    """tf.nn.conv2d(x, kernel, 1, "SAME") whose input gradient is a forward convolution.
+
+    The kernel gradient is TensorFlow's own, or with kernel_gradient_by_matmuls kh*kw
+    matmuls of the shifted input with the output gradient (static map only).
+    """
+    kh, kw, channels, filters = kernel.shape
+    # The transpose's padding mirrors the forward's: TF pads an even kernel more after.
+    mirrored = [[0, 0], _same_padding(kh)[::-1], _same_padding(kw)[::-1], [0, 0]]
+
+    @tf.custom_gradient
+    def convolve(x, kernel):
+        def gradient(dy):
+            dx = tf.nn.conv2d(dy, transposed_kernel(kernel), 1, mirrored)
+            if not kernel_gradient_by_matmuls:
+                return dx, tf.raw_ops.Conv2DBackpropFilter(
+                    input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME")
+            height, width = x.shape[1], x.shape[2]
+            padded = tf.pad(x, [[0, 0], _same_padding(kh), _same_padding(kw), [0, 0]])
+            dy_rows = tf.reshape(dy, [-1, filters])
+            taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width], [-1, channels]), dy_rows,
+                              transpose_a=True)
+                    for i in range(kh) for j in range(kw)]
+            return dx, tf.reshape(tf.stack(taps), [kh, kw, channels, filters])
+
+        return tf.nn.conv2d(x, kernel, 1, "SAME"), gradient
+
+    return convolve(x, kernel)
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class SameConv2D(keras.layers.Conv2D):
+    """A `keras.layers.Conv2D` (stride 1, 'same') with faster passes on CPU."""
+
+    def _applies(self, inputs):
+        return (
+            is_plain_stride1_conv(self)
+            and self.padding == "same"
+            and len(inputs.shape) == 4
+            and None not in inputs.shape[1:]
+        )
+
+    def convolution_op(self, inputs, kernel):
+        if not self._applies(inputs):
+            return super().convolution_op(inputs, kernel)
+        kernel = tf.convert_to_tensor(kernel)
+        inputs = tf.cast(inputs, kernel.dtype)
+        if dense_is_cheaper(inputs.shape[1:3], self.kernel_size):
+            return conv2d_as_matmul(inputs, kernel)
+        small = inputs.shape[1] * inputs.shape[2] <= SMALL_MAP
+        return conv2d_same(inputs, kernel, kernel_gradient_by_matmuls=small and inputs.dtype == tf.bfloat16)
+
+
+@keras.saving.register_keras_serializable(package="anp_vs_tf")
+class SmallMapConv2D(SameConv2D):
+    """SameConv2D's name before it covered every map size; kept so that older saved models load."""
