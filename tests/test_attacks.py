@@ -37,15 +37,30 @@ def test_pgd_raises_the_loss_above_the_clean_loss(trained_lenet, mnist_subset, n
     assert np.mean(adv >= clean - 1e-4) > 0.95
 
 
-def test_pgd_is_compiled_as_one_while_loop():
-    """The attack's steps are a tf.while_loop in the graph, not one copy per step."""
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_pgd_is_compiled_as_one_while_loop_per_chunk(chunks):
+    """The attack's steps are a tf.while_loop in the graph, not one copy per step; each
+    chunk of the batch has its own loop, and no loop takes another's output."""
     model = tf.keras.Sequential([tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)])
-    attack = PGD(0.1, 0.01, 25)
+    attack = PGD(0.1, 0.01, 25, chunks=chunks)
     x, y = tf.random.uniform((4, 8, 8, 1)), tf.constant([0, 1, 2, 3])
     graph = tf.function(lambda x, y: attack(model, x, y, tf.constant([0, 0]))).get_concrete_function(x, y).graph
-    ops = [op.type for op in graph.get_operations()]
-    assert ops.count("While") + ops.count("StatelessWhile") == 1
-    assert "MatMul" not in ops  # the forward and backward passes live in the loop body only
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert len(loops) == chunks
+    assert not any(inp.op in loops for loop in loops for inp in loop.inputs)
+    assert "MatMul" not in [op.type for op in graph.get_operations()]  # the passes live in the loop bodies
+
+
+@pytest.mark.parametrize("batch", [9, 1])
+def test_chunks_attack_the_same_examples(trained_lenet, mnist_subset, batch):
+    """Chunking is a schedule, not a different attack: same random start, same steps."""
+    _, _, x, y = mnist_subset
+    x, y, seed = tf.constant(x[:batch]), tf.constant(y[:batch]), tf.constant([3, 4])
+    results = [tf.function(lambda x, y, c=c: PGD(0.3, 0.05, 5, chunks=c)(trained_lenet.inference_logits, x, y, seed))(x, y)
+               for c in (1, 2, 3)]  # 9 rows: slices of 4 and 5, of 3, 3 and 3
+    for chunked in results[1:]:
+        assert chunked.shape == results[0].shape
+        np.testing.assert_allclose(chunked.numpy(), results[0].numpy(), atol=1e-6)
 
 
 def test_compiled_attack_takes_each_gradient_in_its_own_function_and_equals_the_eager_attack():
@@ -61,8 +76,8 @@ def test_compiled_attack_takes_each_gradient_in_its_own_function_and_equals_the_
     np.testing.assert_allclose(compiled(x, y).numpy(), attack(model, x, y, seed).numpy(), atol=1e-6)
     library = compiled.get_concrete_function(x, y).graph.as_graph_def().library.function
     own = [f for f in library if f.attr["_noinline"].b]
-    assert len(own) == 1
-    assert "MaxPoolGrad" in {node.op for node in own[0].node_def}
+    assert len(own) == attack.chunks  # one per chunk's loop
+    assert all("MaxPoolGrad" in {node.op for node in f.node_def} for f in own)
 
 
 def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist_subset):
@@ -94,7 +109,8 @@ def test_zero_steps_without_random_start_is_the_identity(trained_lenet, mnist_su
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(eps=-0.1), "eps"), (dict(steps=2.5), "steps"), (dict(norm="l1"), "norm"), (dict(restarts=0), "restarts")],
+    [(dict(eps=-0.1), "eps"), (dict(steps=2.5), "steps"), (dict(norm="l1"), "norm"), (dict(restarts=0), "restarts"),
+     (dict(chunks=0), "chunks")],
 )
 def test_bad_settings_are_refused(kwargs, match):
     settings = dict(eps=0.3, step_size=0.01, steps=5)
@@ -104,6 +120,6 @@ def test_bad_settings_are_refused(kwargs, match):
 
 
 def test_config_round_trip():
-    attack = PGD(0.03, 0.007, 10, norm="l2", restarts=2)
+    attack = PGD(0.03, 0.007, 10, norm="l2", restarts=2, chunks=3)
     again = PGD.from_config(attack.get_config())
     assert again.get_config() == attack.get_config()

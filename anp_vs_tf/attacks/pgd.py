@@ -44,6 +44,11 @@ class PGD:
             with integer labels by default (TRADES passes a KL to clean predictions).
         eot_samples: expectation over transformation: average the gradient over this
             many calls of `logits_fn`, for a stochastic network (e.g. sampled masks).
+        chunks: the batch is attacked as this many slices, each its own loop, which a
+            compiled graph runs concurrently. Every example's attack is independent of
+            the others, so the result is the same to float rounding; on 2 CPU cores one
+            batch's ops leave a core idle, and 2 chunks made PGD-20 on LeNet-5 ~20%
+            faster (benchmarks/README.md).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class PGD:
         clip_max=1.0,
         loss_fn=None,
         eot_samples=1,
+        chunks=2,
     ):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
@@ -71,6 +77,8 @@ class PGD:
             raise ValueError(f"restarts must be a positive integer, got {restarts}.")
         if int(eot_samples) != eot_samples or eot_samples < 1:
             raise ValueError(f"eot_samples must be a positive integer, got {eot_samples}.")
+        if int(chunks) != chunks or chunks < 1:
+            raise ValueError(f"chunks must be a positive integer, got {chunks}.")
         if not clip_min < clip_max:
             raise ValueError(f"clip_min must be below clip_max, got {clip_min}, {clip_max}.")
         self.eps = float(eps)
@@ -88,11 +96,13 @@ class PGD:
         self.clip_max = float(clip_max)
         self.loss_fn = loss_fn or cross_entropy_loss
         self.eot_samples = int(eot_samples)
+        self.chunks = int(chunks)
 
     def __repr__(self):
         return (
             f"PGD(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
-            f"norm={self.norm!r}, restarts={self.restarts}, eot_samples={self.eot_samples})"
+            f"norm={self.norm!r}, restarts={self.restarts}, eot_samples={self.eot_samples}, "
+            f"chunks={self.chunks})"
         )
 
     # -- geometry of the ball ----------------------------------------------------
@@ -174,18 +184,29 @@ class PGD:
         return total / self.eot_samples
 
     def _single_run(self, logits_fn, x, y, seed):
+        # The random start is drawn for the whole batch, so chunking does not change it.
         x_adv = self._random_start(x, seed) if self.random_start is not False else tf.identity(x)
 
-        def body(i, x_adv):
-            grad = self._expected_gradient(logits_fn, x_adv, y)
-            x_next = x_adv + self.step_size * self._ascent_direction(grad)
-            return i + 1, tf.stop_gradient(self.project(x_next, x))
+        def ascend(x_adv, x, y):
+            def body(i, x_adv):
+                grad = self._expected_gradient(logits_fn, x_adv, y)
+                x_next = x_adv + self.step_size * self._ascent_direction(grad)
+                return i + 1, tf.stop_gradient(self.project(x_next, x))
 
-        _, x_adv = tf.while_loop(
-            lambda i, _: i < self.steps, body, (tf.constant(0), x_adv),
-            maximum_iterations=self.steps,
-        )
-        return x_adv
+            _, x_adv = tf.while_loop(
+                lambda i, _: i < self.steps, body, (tf.constant(0), x_adv),
+                maximum_iterations=self.steps,
+            )
+            return x_adv
+
+        if self.chunks == 1 or self.steps == 0:
+            return ascend(x_adv, x, y)
+        rows = tf.shape(x)[0]
+        bounds = [rows * c // self.chunks for c in range(self.chunks + 1)]
+        return tf.concat([
+            ascend(*tf.nest.map_structure(lambda t: t[start:stop], (x_adv, x, y)))
+            for start, stop in zip(bounds, bounds[1:])
+        ], axis=0)
 
     def __call__(self, logits_fn, x, y, seed=None):
         """Adversarial examples for (x, y); `seed` is a stateless seed for the random start."""
@@ -217,6 +238,7 @@ class PGD:
             clip_min=self.clip_min,
             clip_max=self.clip_max,
             eot_samples=self.eot_samples,
+            chunks=self.chunks,
         )
 
     def replace(self, **changes):
