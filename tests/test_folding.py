@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from anp_vs_tf import attacks, models
 from anp_vs_tf.layers import BetaBernoulliDropout, beta_bernoulli_layers
-from anp_vs_tf.models.folding import folded_logits
+from anp_vs_tf.models.folding import _plan, folded_logits
 from anp_vs_tf.trainers import RobustModel, get_method
 
 SHAPES = {"lenet5_caffe": (28, 28, 1), "lenet_300_100": (28, 28, 1), "vgg16": (32, 32, 3)}
@@ -75,6 +75,15 @@ def test_folded_graph_has_no_per_activation_products(name):
     deployed = lambda images: models.split_outputs(backbone(images, training=False))[0]  # noqa: E731
     assert batch_products(deployed, SHAPES[name]) >= scalings
     assert batch_products(folded_logits(backbone), SHAPES[name]) == 0
+
+
+def test_a_few_channel_conv_takes_the_max_pool_after_its_relu():
+    for prunable in (False, True):
+        chains = _plan(models.build_model("lenet5_caffe", prunable=prunable))[2].values()
+        pooled = [[layer.name for layer in chain.layers()] for chain in chains if chain.pool is not None]
+        assert pooled == [["conv1", "conv1_bbd", "pool1"] if prunable else ["conv1", "pool1"]]
+    # VGG-16's conv1 is followed by batch norm, ReLU and conv2, its pools by wide convs.
+    assert not any(chain.pool for chain in _plan(models.build_model("vgg16", prunable=True))[2].values())
 
 
 def test_what_no_rule_fits_runs_as_it_is():

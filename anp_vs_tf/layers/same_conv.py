@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf.layers.input_conv import is_plain_stride1_conv
+from anp_vs_tf.layers.input_conv import _same_padding, is_plain_stride1_conv
 
 SMALL_MAP = 64  # positions (8x8): up to here the bfloat16 kernel gradient by matmuls measured faster
 
@@ -78,11 +78,6 @@ def _matmul_by_large(a, matrix):
         return tf.transpose(tf.matmul(matrix, dy, transpose_b=True)), tf.matmul(a, dy, transpose_a=True)
 
     return tf.matmul(a, matrix), gradient
-
-
-def _same_padding(k):
-    """TensorFlow's 'same' padding of a size-k kernel at stride 1: (before, after)."""
-    return (k - 1) // 2, k - 1 - (k - 1) // 2
 
 
 def transposed_kernel(kernel):

@@ -11,6 +11,9 @@ rules, each exact:
 - a chain `Conv2D/Dense -> [BatchNormalization] -> [ReLU] -> [mask]`, each the only
   consumer of the one before, becomes one convolution with kernel K s m and bias
   (b s + t) m, then the ReLU (relu(z) m = relu(z m) for m >= 0);
+- a chain of a few-channel stride-1 convolution and a ReLU also takes a 2x2 max-pool
+  that follows it, computed without the full-resolution map
+  (`layers.input_conv.conv_relu_max_pool`; LeNet-5's conv1 and pool1);
 - a mask whose only consumer is a Conv2D/Dense scales that layer's input weights
   (the 800 flattened LeNet features);
 - every other layer runs as it is (pooling, Flatten, Normalization, ...), and a mask
@@ -28,6 +31,7 @@ import tensorflow as tf
 
 from anp_vs_tf.layers import FAST_CONV2D_LAYERS
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
+from anp_vs_tf.layers.input_conv import MAX_FAST_CHANNELS, conv_relu_max_pool, is_plain_stride1_conv
 from anp_vs_tf.metrics.complexity import _nodes_in_order
 from anp_vs_tf.models.backbone import split_outputs
 
@@ -61,14 +65,23 @@ def _sole_consumer(node, outputs_needed):
     return consumers[0].operation
 
 
+def _pools_after(linear, pool, input_shape):
+    """True if `pool` is a 2x2/2 max-pool that conv_relu_max_pool can take into `linear`'s chain."""
+    return (isinstance(linear, L.Conv2D) and is_plain_stride1_conv(linear)
+            and None not in input_shape[1:] and input_shape[-1] <= MAX_FAST_CHANNELS
+            and type(pool) is L.MaxPooling2D and tuple(pool.pool_size) == (2, 2)
+            and tuple(pool.strides) == (2, 2) and pool.padding == "valid" and pool.data_format == "channels_last")
+
+
 class _Chain:
-    """Conv2D/Dense -> [BN] -> [ReLU] -> [mask], evaluated as one layer with folded weights."""
+    """Conv2D/Dense -> [BN] -> [ReLU] -> [mask] -> [2x2 max-pool], evaluated as one layer
+    with folded weights."""
 
     def __init__(self, linear):
-        self.linear, self.norm, self.relu, self.mask = linear, None, None, None
+        self.linear, self.norm, self.relu, self.mask, self.pool = linear, None, None, None, None
 
     def layers(self):
-        return [layer for layer in (self.linear, self.norm, self.relu, self.mask) if layer is not None]
+        return [layer for layer in (self.linear, self.norm, self.relu, self.mask, self.pool) if layer is not None]
 
     def __call__(self, x, input_scale=None):
         linear = self.linear
@@ -90,6 +103,9 @@ class _Chain:
             kernel, bias = kernel * m, (None if bias is None else bias * m)
         dtype = linear.compute_dtype
         x = tf.cast(x, dtype)
+        if self.pool is not None:
+            return conv_relu_max_pool(x, tf.cast(kernel, dtype), None if bias is None else tf.cast(bias, dtype),
+                                      linear.padding)
         if isinstance(linear, L.Conv2D):
             y = linear.convolution_op(x, tf.cast(kernel, dtype))
         elif x.shape.rank == 2:
@@ -136,6 +152,10 @@ def _plan(backbone):
         if isinstance(nxt, BetaBernoulliDropout) and (
                 chain.relu is not None or _activation(layer) in (keras.activations.relu, keras.activations.linear)):
             chain.mask = nxt
+            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
+        rectified = chain.relu is not None or _activation(layer) is keras.activations.relu
+        if rectified and _pools_after(layer, nxt, node.input_tensors[0].shape):
+            chain.pool = nxt
         chains[id(layer)] = chain
         claimed.update(id(part) for part in chain.layers())
     for node in nodes:
