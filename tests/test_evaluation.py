@@ -65,10 +65,11 @@ def test_eot_averages_the_gradient_over_stochastic_calls():
         return logits[:, 0]
 
     x, y = tf.fill((4, 4, 4, 1), 0.5), tf.constant([0, 1, 2, 0])
-    single = attacks.PGD(0.1, 0.1, 1, random_start=False, loss_fn=first_logit)
+    # One chunk: the draws are counted calls, and two chunks would each make their own.
+    single = attacks.PGD(0.1, 0.1, 1, random_start=False, loss_fn=first_logit, chunks=1)
     calls.assign(0.0)
     step_single = single(stochastic_logits, x, y) - x
-    eot = attacks.PGD(0.1, 0.1, 1, random_start=False, loss_fn=first_logit, eot_samples=2)
+    eot = attacks.PGD(0.1, 0.1, 1, random_start=False, loss_fn=first_logit, eot_samples=2, chunks=1)
     calls.assign(0.0)
     step_eot = eot(stochastic_logits, x, y) - x
     assert float(calls) == 2.0

@@ -41,14 +41,16 @@ class PGD:
         restarts: independent runs; each example keeps the run with the highest loss.
         clip_min, clip_max: the valid input range, enforced after every step.
         loss_fn: `loss_fn(logits, y) -> per-example loss` to maximize; cross-entropy
-            with integer labels by default (TRADES passes a KL to clean predictions).
+            with integer labels by default. y is split with the images (see chunks), so
+            per-example targets come in y, not in a closure: TRADES passes its clean
+            predictions as y to a KL.
         eot_samples: expectation over transformation: average the gradient over this
             many calls of `logits_fn`, for a stochastic network (e.g. sampled masks).
         chunks: the batch is attacked as this many slices, each its own loop, which a
             compiled graph runs concurrently. Every example's attack is independent of
             the others, so the result is the same to float rounding; on 2 CPU cores one
             batch's ops leave a core idle, and 2 chunks made PGD-20 on LeNet-5 ~20%
-            faster (benchmarks/README.md).
+            faster, its AT step ~11% (benchmarks/README.md).
     """
 
     def __init__(

@@ -75,7 +75,7 @@ def conv_relu_max_pool(x, kernel, bias, padding):
     """
     kh, kw, channels, filters = kernel.shape
     if padding.upper() == "SAME":
-        x = tf.pad(x, [[0, 0], _same_padding(kh), _same_padding(kw), [0, 0]])
+        x = tf.pad(x, [[0, 0], same_padding(kh), same_padding(kw), [0, 0]])
     height, width = x.shape[1] - kh + 1, x.shape[2] - kw + 1  # the convolution's output
     bh, bw = kh // 2 + 1, kw // 2 + 1  # the block kernel
     rows, cols = height // 2 + bh - 1, width // 2 + bw - 1  # the blocks the pooled map reads
@@ -113,7 +113,7 @@ def _max_over_phases(y):
     return tf.reduce_max(y, axis=3), gradient
 
 
-def _same_padding(k):
+def same_padding(k):
     """TensorFlow's 'same' padding of a size-k kernel at stride 1: (before, after)."""
     return (k - 1) // 2, k - 1 - (k - 1) // 2
 

@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf.layers.input_conv import _same_padding, is_plain_stride1_conv
+from anp_vs_tf.layers.input_conv import is_plain_stride1_conv, same_padding
 
 SMALL_MAP = 64  # positions (8x8): up to here the bfloat16 kernel gradient by matmuls measured faster
 
@@ -45,7 +45,7 @@ def dense_is_cheaper(map_shape, kernel_size):
 def _tap_indices(height, width, kh, kw):
     """(H*W, H*W) int array: the kernel tap that links input position p to output position q,
     or kh*kw (a zero tap) where the two are further apart than the kernel reaches."""
-    top, left = _same_padding(kh)[0], _same_padding(kw)[0]
+    top, left = same_padding(kh)[0], same_padding(kw)[0]
     a, b = np.divmod(np.arange(height * width), width)  # row and column of each position
     row_tap = a[:, None] - a[None, :] + top
     col_tap = b[:, None] - b[None, :] + left
@@ -96,7 +96,7 @@ def conv2d_same(x, kernel, kernel_gradient_by_matmuls=False):
     """
     kh, kw, channels, filters = kernel.shape
     # The transpose's padding mirrors the forward's: TF pads an even kernel more after.
-    mirrored = [[0, 0], _same_padding(kh)[::-1], _same_padding(kw)[::-1], [0, 0]]
+    mirrored = [[0, 0], same_padding(kh)[::-1], same_padding(kw)[::-1], [0, 0]]
 
     @tf.custom_gradient
     def convolve(x, kernel):
@@ -106,7 +106,7 @@ def conv2d_same(x, kernel, kernel_gradient_by_matmuls=False):
                 return dx, tf.raw_ops.Conv2DBackpropFilter(
                     input=x, filter_sizes=tf.shape(kernel), out_backprop=dy, strides=[1, 1, 1, 1], padding="SAME")
             height, width = x.shape[1], x.shape[2]
-            padded = tf.pad(x, [[0, 0], _same_padding(kh), _same_padding(kw), [0, 0]])
+            padded = tf.pad(x, [[0, 0], same_padding(kh), same_padding(kw), [0, 0]])
             dy_rows = tf.reshape(dy, [-1, filters])
             taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width], [-1, channels]), dy_rows,
                               transpose_a=True)

@@ -13,14 +13,14 @@ from anp_vs_tf.metrics.vulnerability import network_vulnerability
 from anp_vs_tf.trainers.methods import Method, cross_entropy, register
 
 
-def kl_to(clean_probabilities):
-    """Per-example KL(p_clean || softmax(logits)): the loss TRADES' attack maximizes."""
-    def loss(logits, target=None):
-        del target  # the clean probabilities are the target
-        log_p = tf.math.log(tf.maximum(clean_probabilities, 1e-12))
-        log_q = tf.nn.log_softmax(tf.cast(logits, tf.float32))
-        return tf.reduce_sum(clean_probabilities * (log_p - log_q), axis=-1)
-    return loss
+def kl_from_clean(logits, clean_probabilities):
+    """Per-example KL(p_clean || softmax(logits)): the loss TRADES' attack maximizes.
+
+    The clean probabilities come in as the attack's target (its `y`), row by row with
+    the images, so that an attack that splits the batch (PGD's chunks) splits them too."""
+    log_p = tf.math.log(tf.maximum(clean_probabilities, 1e-12))
+    log_q = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+    return tf.reduce_sum(clean_probabilities * (log_p - log_q), axis=-1)
 
 
 def prediction_kl(logits, logits_adv):
@@ -44,8 +44,8 @@ class Trades(Method):
 
     def adversarial_examples(self, model, x, y, seed=None):
         clean = tf.stop_gradient(tf.nn.softmax(tf.cast(model.inference_logits(x), tf.float32)))
-        attack = model.adversary.replace(random_start=0.001, restarts=1, loss_fn=kl_to(clean))
-        return model.attack(x, y, adversary=attack, seed=seed)
+        attack = model.adversary.replace(random_start=0.001, restarts=1, loss_fn=kl_from_clean)
+        return model.attack(x, clean, adversary=attack, seed=seed)
 
     def losses(self, model, views, y):
         terms = {
