@@ -9,10 +9,11 @@ The folding rule. At inference a mask layer multiplies unit c by m_c = E_q[pi_c]
 (exactly 0 when pruned). m_c is carried forward as a pending per-unit scale and folded
 into the *consumer*, the next Conv2D / Dense, whose input weights for c are multiplied
 by m_c. On the way there the scale may only pass layers that commute with a
-non-negative per-channel scale: ReLU (max_value None, threshold 0), max / average /
-global pooling, Flatten (the scale repeats at every position of its channel), Dropout
-and another mask. Anything else between a mask and its consumer (BatchNormalization,
-Normalization, a non-ReLU activation, the model output) raises ValueError. This is
+non-negative per-channel scale (`models.graph.commutes_with_scale`): ReLU (max_value
+None, threshold 0), max / average / global pooling, Flatten (the scale repeats at every
+position of its channel), Dropout and another mask. Anything else between a mask and
+its consumer (BatchNormalization, Normalization, a non-ReLU activation, the model
+output) raises ValueError. This is
 exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv` and
 `pool -> Flatten -> mask -> Dense`, VGG `Conv -> BN -> ReLU -> mask -> [pool] -> Conv`,
 dense `Dense -> [BN] -> ReLU -> mask -> Dense`.
@@ -28,17 +29,16 @@ disappear; the compact model outputs the logits only.
 import keras
 import numpy as np
 
-from anp_vs_tf.layers import FAST_CONV2D_LAYERS
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
-from anp_vs_tf.layers.fused_batch_norm import FusedBatchNormalization
 from anp_vs_tf.layers.select_features import SelectFeatures
-from anp_vs_tf.metrics.complexity import _effective_units, _graph, _producer
+from anp_vs_tf.metrics.complexity import _effective_units, _graph
+from anp_vs_tf.models.graph import commutes_with_scale, is_linear, producer
 
 L = keras.layers
 
-_POOLING = (L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.GlobalMaxPooling2D)
 # Channelwise layers copied as they are (config only, no weights to slice).
-_COPIED = _POOLING + (L.ReLU, L.Activation)
+_COPIED = (L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.GlobalMaxPooling2D, L.ReLU,
+           L.Activation)
 
 
 def compact(model):
@@ -82,14 +82,14 @@ class _Builder:
     def build(self, tensor):
         key = id(tensor)
         if key not in self.built:
-            node = _producer(tensor)
-            inputs = [self.build(t) for t in node.input_tensors]
+            node = producer(tensor)
+            inputs = [self.build(t) for t in node.inputs]
             self.built[key] = self._layer(node, inputs)
         return self.built[key]
 
     def _layer(self, node, inputs):
-        layer = node.operation
-        kept_out = self.kept[id(node.output_tensors[0])]
+        layer = node.layer
+        kept_out = self.kept[id(node.output)]
         if not kept_out.any():
             raise ValueError(
                 f"every unit of {layer.name} is pruned, so the logits no longer depend on the "
@@ -98,11 +98,11 @@ class _Builder:
         if isinstance(layer, L.InputLayer):
             if not kept_out.all():
                 raise ValueError(f"{layer.name}: some input channels are unused; compact() keeps the full input.")
-            out = node.output_tensors[0]
+            out = node.output
             return keras.Input(shape=tuple(out.shape[1:]), dtype=out.dtype, name=layer.name), None
         x, scale = inputs[0]
-        kept_in = self.kept[id(node.input_tensors[0])]
-        if type(layer) in (L.Conv2D, L.Dense) + FAST_CONV2D_LAYERS:
+        kept_in = self.kept[id(node.inputs[0])]
+        if is_linear(layer):
             return self._linear(layer, x, scale, kept_in, kept_out), None
         if isinstance(layer, BetaBernoulliDropout):
             mask = keras.ops.convert_to_numpy(layer.inference_mask()).astype(np.float64)
@@ -127,7 +127,7 @@ class _Builder:
             return SelectFeatures(indices, name=layer.name)(x), scale
         if not np.array_equal(kept_in, kept_out):
             raise ValueError(f"{layer.name} ({type(layer).__name__}) changes which units are kept; not supported.")
-        if type(layer) in (L.BatchNormalization, FusedBatchNormalization):
+        if isinstance(layer, L.BatchNormalization):
             _no_pending(layer, scale)
             new = L.BatchNormalization.from_config(layer.get_config())  # plain Keras layers only
             y = new(x)
@@ -142,7 +142,7 @@ class _Builder:
             new.set_weights(layer.get_weights())
             return y, None
         if type(layer) in _COPIED:
-            if scale is not None and not _commutes_with_scale(layer):
+            if scale is not None and not commutes_with_scale(layer):
                 _no_pending(layer, scale)
             return _copy(layer)(x), scale
         raise ValueError(
@@ -171,15 +171,6 @@ class _Builder:
 
 def _copy(layer):
     return type(layer).from_config(layer.get_config())
-
-
-def _commutes_with_scale(layer):
-    """f(m x) = m f(x) for m >= 0: positively homogeneous, channelwise."""
-    if isinstance(layer, _POOLING):
-        return True
-    if isinstance(layer, L.ReLU):
-        return layer.max_value is None and float(layer.threshold) == 0.0
-    return layer.activation in (keras.activations.relu, keras.activations.linear)
 
 
 def _no_pending(layer, scale):

@@ -1,7 +1,7 @@
 """Model complexity as deployed: parameters, FLOPs and activation memory, pruned units removed.
 
-`complexity(model)` walks the functional Keras graph (from the model's outputs back
-through each tensor's history, so branches and `Add` work) and decides for every unit
+`complexity(model)` walks the functional Keras graph (`models.graph`: from the model's
+outputs back through each tensor's history, so branches and `Add` work) and decides for every unit
 of the last axis (a neuron, or a channel of a channel-last map) whether it is
 
     alive:  can be non-zero. Conv2D / Dense / BatchNormalization / Normalization
@@ -55,9 +55,17 @@ import math
 import keras
 import numpy as np
 
-from anp_vs_tf.layers.bayesian import GaussianConv2D, GaussianDense
+from anp_vs_tf.layers.bayesian import GaussianConv2D
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
 from anp_vs_tf.layers.select_features import SelectFeatures
+from anp_vs_tf.models.graph import (
+    GAUSSIAN,
+    LINEAR,
+    _keras_nodes_in_order,
+    is_linear_like,
+    needed_outputs,
+    nodes_in_order,
+)
 
 L = keras.layers
 
@@ -75,9 +83,7 @@ _CHANNELWISE = (
     L.BatchNormalization,
     L.Normalization,
 )
-_GAUSSIAN = (GaussianConv2D, GaussianDense)
-_LINEAR = (L.Conv2D, L.Dense) + _GAUSSIAN
-_SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout, SelectFeatures) + _LINEAR + _CHANNELWISE
+_SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout, SelectFeatures) + LINEAR + GAUSSIAN + _CHANNELWISE
 # Outputs that are views or fold away at deployment: no activation memory of their own.
 _NO_MEMORY = (L.Flatten, L.Dropout, BetaBernoulliDropout, SelectFeatures)
 
@@ -192,31 +198,14 @@ class Complexity:
 # -- the graph -------------------------------------------------------------------------
 
 
-def _producer(tensor):
-    """The node (one call of one layer) that created a KerasTensor of the model."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None or history.operation is None:
-        raise ValueError(f"tensor {tensor!r} has no Keras history; complexity needs a functional model.")
-    return history.operation._inbound_nodes[history.node_index]
-
-
 def _nodes_in_order(outputs):
-    """The model's nodes, inputs first (post-order DFS from the outputs; the graph is a DAG)."""
-    order, seen = [], set()
-    stack = [(_producer(t), False) for t in reversed(outputs)]
-    while stack:
-        node, inputs_done = stack.pop()
-        if inputs_done:
-            order.append(node)
-        elif id(node) not in seen:
-            seen.add(id(node))
-            stack.append((node, True))
-            stack.extend((_producer(t), False) for t in reversed(node.input_tensors))
-    return order
+    """Keras' own nodes, inputs first: only for models/folding.py, which imports this
+    until it walks `models.graph.nodes_in_order`; delete it then."""
+    return _keras_nodes_in_order(outputs)
 
 
 def _check_supported(node, used):
-    layer = node.operation
+    layer = node.layer
     if isinstance(layer, keras.Model):
         raise ValueError(
             f"{layer.name} ({type(layer).__name__}) is a nested model; complexity() needs a flat "
@@ -235,10 +224,10 @@ def _check_supported(node, used):
         raise ValueError(f"{layer.name}: only channels_last data is supported.")
     if isinstance(layer, L.Conv2D) and layer.groups != 1:
         raise ValueError(f"{layer.name}: grouped convolutions (groups={layer.groups}) are not supported.")
-    last_axis = (-1, len(node.output_tensors[0].shape) - 1)
+    last_axis = (-1, len(node.output.shape) - 1)
     if isinstance(layer, L.BatchNormalization) and layer.axis not in last_axis:
         raise ValueError(f"{layer.name}: BatchNormalization must normalize the last axis.")
-    for tensor in list(node.input_tensors) + list(node.output_tensors):
+    for tensor in node.inputs + node.outputs:
         if any(d is None for d in tensor.shape[1:]):
             raise ValueError(f"{layer.name}: shapes must be fully known, got {tuple(tensor.shape)}.")
 
@@ -266,13 +255,12 @@ def _graph(model):
     outputs = getattr(model, "outputs", None)
     if not outputs:
         raise ValueError(f"{model.name} has no symbolic outputs; complexity needs a functional model.")
-    struct = getattr(model, "_outputs_struct", None)
-    needed = [struct["logits"]] if isinstance(struct, dict) and "logits" in struct else list(outputs)
-    nodes = _nodes_in_order(list(outputs))
+    needed = needed_outputs(model)
+    nodes = nodes_in_order(list(outputs))
     used = set()
     for node in nodes:
         _check_supported(node, used)
-    layers = [node.operation for node in nodes]
+    layers = [node.layer for node in nodes]
     masks = {
         id(layer): np.asarray(keras.ops.convert_to_numpy(layer.active_mask()), bool)
         for layer in layers if isinstance(layer, BetaBernoulliDropout)
@@ -290,8 +278,8 @@ def _units(tensor):
 
 def _forward(node, alive_in, graph, masks):
     """The output's per-unit aliveness from the inputs'."""
-    layer, out = node.operation, node.output_tensors[0]
-    if isinstance(layer, (L.InputLayer,) + _LINEAR) or not graph.keeps_zero[id(layer)]:
+    layer, out = node.layer, node.output
+    if isinstance(layer, L.InputLayer) or is_linear_like(layer) or not graph.keeps_zero[id(layer)]:
         return np.ones(_units(out), bool)
     if isinstance(layer, BetaBernoulliDropout):
         return alive_in[0] & masks[id(layer)]
@@ -306,8 +294,8 @@ def _forward(node, alive_in, graph, masks):
 
 def _backward(node, needed_out, masks):
     """Each input's per-unit "needed" from the output's."""
-    layer, inputs = node.operation, node.input_tensors
-    if isinstance(layer, _LINEAR):
+    layer, inputs = node.layer, node.inputs
+    if is_linear_like(layer):
         return [np.full(_units(inputs[0]), needed_out.any())]
     if isinstance(layer, BetaBernoulliDropout):
         return [needed_out & masks[id(layer)]]
@@ -324,15 +312,15 @@ def _effective_units(graph, masks):
     """id(tensor) -> bool array over its last axis: alive AND needed."""
     alive, needed = {}, {}
     for node in graph.nodes:
-        alive_in = [alive[id(t)] for t in node.input_tensors]
-        out = node.output_tensors[0]
+        alive_in = [alive[id(t)] for t in node.inputs]
+        out = node.output
         alive[id(out)] = _forward(node, alive_in, graph, masks)
         needed[id(out)] = np.zeros(_units(out), bool)
     for tensor in graph.needed_outputs:
         needed[id(tensor)][:] = True
     for node in reversed(graph.nodes):
-        needed_in = _backward(node, needed[id(node.output_tensors[0])], masks)
-        for tensor, need in zip(node.input_tensors, needed_in):
+        needed_in = _backward(node, needed[id(node.output)], masks)
+        for tensor, need in zip(node.inputs, needed_in):
             needed[id(tensor)] |= need
     return {key: alive[key] & needed[key] for key in alive}
 
@@ -372,14 +360,14 @@ def _cost(layer, ins, out, channels, reference=False):
     `reference`: cost of the plain network the ratios compare with, where a Gaussian
     layer counts as the deterministic layer it replaces.
     """
-    if isinstance(layer, _LINEAR):
+    if is_linear_like(layer):
         convolution = isinstance(layer, (L.Conv2D, GaussianConv2D))
         taps = math.prod(_pair(layer.kernel_size)) if convolution else 1
         weights = taps * ins[0].units * out.units
         per_unit_ops = int(layer.use_bias) + int(layer.activation is not keras.activations.linear)
         flops = (2 * weights + per_unit_ops * out.units) * out.positions
         params = weights + int(layer.use_bias) * out.units
-        if isinstance(layer, _GAUSSIAN) and not reference:  # a mean and a scale per weight, and the draw
+        if isinstance(layer, GAUSSIAN) and not reference:  # a mean and a scale per weight, and the draw
             return 2 * params, flops + 3 * params
         return params, flops
     if isinstance(layer, (L.BatchNormalization, L.Normalization)):
@@ -406,12 +394,12 @@ def _layer_costs(graph, effective, reference=False):
 
     costs = []
     for node in graph.nodes:
-        layer, out_tensor = node.operation, node.output_tensors[0]
-        ins, out = [deployed(t) for t in node.input_tensors], deployed(out_tensor)
+        layer, out_tensor = node.layer, node.output
+        ins, out = [deployed(t) for t in node.inputs], deployed(out_tensor)
         params, flops = _cost(layer, ins, out, _units(out_tensor), reference)
         activations = 0 if isinstance(layer, _NO_MEMORY) else out.elements
-        if node.input_tensors:
-            units_in = int(np.logical_or.reduce([effective[id(t)] for t in node.input_tensors]).sum())
+        if node.inputs:
+            units_in = int(np.logical_or.reduce([effective[id(t)] for t in node.inputs]).sum())
         else:
             units_in = out.units
         costs.append((params, flops, activations, units_in, out.units))
@@ -430,8 +418,8 @@ def complexity(model):
     kept = _layer_costs(graph, _effective_units(graph, graph.masks))
     rows = tuple(
         LayerComplexity(
-            name=node.operation.name,
-            class_name=type(node.operation).__name__,
+            name=node.layer.name,
+            class_name=type(node.layer).__name__,
             params_dense=d[0], params_kept=k[0],
             flops_dense=d[1], flops_kept=k[1],
             activations_dense=d[2], activations_kept=k[2],
@@ -439,7 +427,7 @@ def complexity(model):
         )
         for node, d, k in zip(graph.nodes, dense, kept)
     )
-    bb_layers = [n.operation for n in graph.nodes if isinstance(n.operation, BetaBernoulliDropout)]
+    bb_layers = [n.layer for n in graph.nodes if isinstance(n.layer, BetaBernoulliDropout)]
     return Complexity(
         layers=rows,
         **{
