@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from anp_vs_tf import kernels
 from anp_vs_tf.attacks import PGD, cross_entropy_loss, fgsm
 
 
@@ -63,20 +64,23 @@ def test_chunks_attack_the_same_examples(trained_lenet, mnist_subset, batch):
         np.testing.assert_allclose(chunked.numpy(), results[0].numpy(), atol=1e-6)
 
 
-def test_compiled_attack_takes_each_gradient_in_its_own_function_and_equals_the_eager_attack():
-    """In a graph, a step's gradient is a non-inlined function (oneDNN then rewrites its
-    MaxPoolGrad in every trace); the adversarial examples are those of the eager attack."""
+@pytest.mark.parametrize("own_function", [True, False])
+def test_compiled_attack_takes_each_gradient_in_its_own_function_where_chosen(own_function):
+    """Where the kernel choice says so (an AVX2 CPU), a step's gradient is a non-inlined
+    function (oneDNN then rewrote its MaxPoolGrad in every trace); the adversarial
+    examples are those of the eager attack either way."""
     keras = tf.keras
     model = keras.Sequential([keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.MaxPooling2D(2),
                               keras.layers.Flatten(), keras.layers.Dense(10)])
     x, y = tf.random.stateless_uniform((8, 10, 10, 1), [0, 7]), tf.constant([0, 1, 2, 3, 4, 5, 6, 7])
     model(x)
     attack, seed = PGD(0.2, 0.05, 4), tf.constant([1, 1])
-    compiled = tf.function(lambda x, y: attack(model, x, y, seed))
-    np.testing.assert_allclose(compiled(x, y).numpy(), attack(model, x, y, seed).numpy(), atol=1e-6)
-    library = compiled.get_concrete_function(x, y).graph.as_graph_def().library.function
+    with kernels.use(kernels.KernelChoice(attack_chunks=2, own_gradient_function=own_function)):
+        compiled = tf.function(lambda x, y: attack(model, x, y, seed))
+        np.testing.assert_allclose(compiled(x, y).numpy(), attack(model, x, y, seed).numpy(), atol=1e-6)
+        library = compiled.get_concrete_function(x, y).graph.as_graph_def().library.function
     own = [f for f in library if f.attr["_noinline"].b]
-    assert len(own) == attack.chunks  # one per chunk's loop
+    assert len(own) == (2 if own_function else 0)  # one per chunk's loop
     assert all("MaxPoolGrad" in {node.op for node in f.node_def} for f in own)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from anp_vs_tf import attacks, models
+from anp_vs_tf import attacks, kernels, models
 from anp_vs_tf.layers import BetaBernoulliDropout, beta_bernoulli_layers
 from anp_vs_tf.models.folding import _plan, folded_logits
 from anp_vs_tf.trainers import RobustModel, get_method
@@ -77,13 +77,16 @@ def test_folded_graph_has_no_per_activation_products(name):
     assert batch_products(folded_logits(backbone), SHAPES[name]) == 0
 
 
-def test_a_few_channel_conv_takes_the_max_pool_after_its_relu():
+def test_a_few_channel_conv_takes_the_max_pool_after_its_relu_where_chosen():
+    with_pool = kernels.KernelChoice(conv_relu_pool=True)
     for prunable in (False, True):
-        chains = _plan(models.build_model("lenet5_caffe", prunable=prunable))[2].values()
+        backbone = models.build_model("lenet5_caffe", prunable=prunable)
+        chains = _plan(backbone, with_pool)[2].values()
         pooled = [[layer.name for layer in chain.layers()] for chain in chains if chain.pool is not None]
         assert pooled == [["conv1", "conv1_bbd", "pool1"] if prunable else ["conv1", "pool1"]]
+        assert not any(chain.pool for chain in _plan(backbone, kernels.PLAIN)[2].values())
     # VGG-16's conv1 is followed by batch norm, ReLU and conv2, its pools by wide convs.
-    assert not any(chain.pool for chain in _plan(models.build_model("vgg16", prunable=True))[2].values())
+    assert not any(chain.pool for chain in _plan(models.build_model("vgg16", prunable=True), with_pool)[2].values())
 
 
 def test_what_no_rule_fits_runs_as_it_is():

@@ -9,6 +9,7 @@ int32 tensor) for the random start, so a run is reproducible step by step.
 import keras
 import tensorflow as tf
 
+from anp_vs_tf import kernels
 from anp_vs_tf.distribute import replica_rows
 
 NORMS = ("linf", "l2")
@@ -48,9 +49,13 @@ class PGD:
             many calls of `logits_fn`, for a stochastic network (e.g. sampled masks).
         chunks: the batch is attacked as this many slices, each its own loop, which a
             compiled graph runs concurrently. Every example's attack is independent of
-            the others, so the result is the same to float rounding; on 2 CPU cores one
-            batch's ops leave a core idle, and 2 chunks made PGD-20 on LeNet-5 ~20%
-            faster, its AT step ~11% (benchmarks/README.md).
+            the others, so the result is the same to float rounding. "auto" (default)
+            takes the number `kernels.choose()` has for the device when the attack is
+            traced: 2 on the 2-core AVX2 CPU where it was measured (one batch's ops left
+            a core idle; PGD-20 on LeNet-5 ~20% faster), 1 elsewhere (GPU, TPU, XLA).
+            A batch smaller than `chunks` is attacked whole, and an empty batch comes
+            back as it is: no chunk is ever empty (oneDNN's MaxPoolGrad aborts the
+            process on an empty batch in TensorFlow 2.21).
     """
 
     def __init__(
@@ -65,7 +70,7 @@ class PGD:
         clip_max=1.0,
         loss_fn=None,
         eot_samples=1,
-        chunks=2,
+        chunks="auto",
     ):
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
@@ -79,8 +84,8 @@ class PGD:
             raise ValueError(f"restarts must be a positive integer, got {restarts}.")
         if int(eot_samples) != eot_samples or eot_samples < 1:
             raise ValueError(f"eot_samples must be a positive integer, got {eot_samples}.")
-        if int(chunks) != chunks or chunks < 1:
-            raise ValueError(f"chunks must be a positive integer, got {chunks}.")
+        if chunks != "auto" and (isinstance(chunks, str) or int(chunks) != chunks or chunks < 1):
+            raise ValueError(f'chunks must be "auto" or a positive integer, got {chunks!r}.')
         if not clip_min < clip_max:
             raise ValueError(f"clip_min must be below clip_max, got {clip_min}, {clip_max}.")
         self.eps = float(eps)
@@ -98,13 +103,13 @@ class PGD:
         self.clip_max = float(clip_max)
         self.loss_fn = loss_fn or cross_entropy_loss
         self.eot_samples = int(eot_samples)
-        self.chunks = int(chunks)
+        self.chunks = chunks if chunks == "auto" else int(chunks)
 
     def __repr__(self):
         return (
             f"PGD(eps={self.eps}, step_size={self.step_size}, steps={self.steps}, "
             f"norm={self.norm!r}, restarts={self.restarts}, eot_samples={self.eot_samples}, "
-            f"chunks={self.chunks})"
+            f"chunks={self.chunks!r})"
         )
 
     # -- geometry of the ball ----------------------------------------------------
@@ -152,14 +157,15 @@ class PGD:
     def _gradient(self, logits_fn, x_adv, y):
         """The loss gradient with respect to x_adv.
 
-        Inside a compiled graph it is traced as its own function, which TensorFlow does
-        not inline into the loop. Within a `tf.while_loop` body, oneDNN's graph rewrite
-        of MaxPoolGrad (it needs the forward MaxPool already rewritten) succeeds or not
-        from one trace to the next; without it the gradient runs TensorFlow's generic
-        kernel, ~20x slower: ~0.34 s of a ~2.9 s VGG-16 AT step (benchmarks/README.md).
-        In a function of its own the rewrite was made in every trace.
+        Where the kernel choice has `own_gradient_function` (a CPU it was measured on),
+        it is traced as its own function, which TensorFlow does not inline into the
+        loop. On an AVX2 CPU, within a `tf.while_loop` body, oneDNN's graph rewrite of
+        MaxPoolGrad (it needs the forward MaxPool already rewritten) succeeded or not
+        from one trace to the next; without it the gradient ran TensorFlow's generic
+        kernel, ~20x slower: ~0.34 s of a ~2.9 s VGG-16 AT step. In a function of its
+        own the rewrite was made in every trace.
         """
-        if not tf.inside_function():
+        if not tf.inside_function() or not kernels.choose().own_gradient_function:
             return self._tape_gradient(logits_fn, x_adv, y)
         own_function = tf.function(lambda x_adv, y: self._tape_gradient(logits_fn, x_adv, y),
                                    experimental_attributes={"_noinline": True})
@@ -201,14 +207,23 @@ class PGD:
             )
             return x_adv
 
-        if self.chunks == 1 or self.steps == 0:
+        chunks = kernels.choose().attack_chunks if self.chunks == "auto" else self.chunks
+        if x.shape[0] is not None:
+            chunks = min(chunks, x.shape[0])
+        if chunks == 1 or self.steps == 0:
             return ascend(x_adv, x, y)
-        rows = tf.shape(x)[0]
-        bounds = [rows * c // self.chunks for c in range(self.chunks + 1)]
-        return tf.concat([
-            ascend(*tf.nest.map_structure(lambda t: t[start:stop], (x_adv, x, y)))
-            for start, stop in zip(bounds, bounds[1:])
-        ], axis=0)
+
+        def chunked():
+            rows = tf.shape(x)[0]
+            bounds = [rows * c // chunks for c in range(chunks + 1)]
+            return tf.concat([
+                ascend(*tf.nest.map_structure(lambda t: t[start:stop], (x_adv, x, y)))
+                for start, stop in zip(bounds, bounds[1:])
+            ], axis=0)
+
+        if x.shape[0] is not None:
+            return chunked()
+        return tf.cond(tf.shape(x)[0] >= chunks, chunked, lambda: ascend(x_adv, x, y))
 
     def __call__(self, logits_fn, x, y, seed=None):
         """Adversarial examples for (x, y); `seed` is a stateless seed for the random start."""
@@ -216,6 +231,13 @@ class PGD:
         if seed is None:
             seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
         seed = tf.cast(seed, tf.int32)
+        if x.shape[0] == 0:
+            return tf.identity(x)
+        if x.shape[0] is None:  # the model never sees an empty batch (see `chunks`)
+            return tf.cond(tf.shape(x)[0] > 0, lambda: self._attack(logits_fn, x, y, seed), lambda: tf.identity(x))
+        return self._attack(logits_fn, x, y, seed)
+
+    def _attack(self, logits_fn, x, y, seed):
         if self.restarts == 1:
             return self._single_run(logits_fn, x, y, seed)
         seeds = tf.random.experimental.stateless_split(seed, self.restarts)

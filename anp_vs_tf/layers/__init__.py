@@ -13,28 +13,17 @@ from anp_vs_tf.layers.beta_bernoulli import (
     kumaraswamy_beta_kl,
     kumaraswamy_sample,
 )
-from anp_vs_tf.layers.fused_batch_norm import FusedBatchNormalization
-from anp_vs_tf.layers.input_conv import InputConv2D
-from anp_vs_tf.layers.same_conv import SameConv2D, SmallMapConv2D
+from anp_vs_tf.layers import legacy  # noqa: F401  (registers the names old files use)
 from anp_vs_tf.layers.sampling import sampling
 from anp_vs_tf.layers.select_features import SelectFeatures
 from anp_vs_tf.layers.walk import all_layers
 
-# Conv2D subclasses that change only how TensorFlow computes the convolution: folding
-# and export treat them as the plain keras.layers.Conv2D they equal.
-FAST_CONV2D_LAYERS = (InputConv2D, SameConv2D, SmallMapConv2D)
-
 __all__ = [
     "all_layers",
     "BetaBernoulliDropout",
-    "FusedBatchNormalization",
     "GaussianConv2D",
     "GaussianDense",
-    "FAST_CONV2D_LAYERS",
-    "InputConv2D",
-    "SameConv2D",
     "SelectFeatures",
-    "SmallMapConv2D",
     "beta_bernoulli_layers",
     "concrete_sample",
     "gaussian_kl",

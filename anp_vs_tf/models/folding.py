@@ -11,9 +11,11 @@ rules, each exact:
 - a chain `Conv2D/Dense -> [BatchNormalization] -> [ReLU] -> [mask]`, each the only
   consumer of the one before, becomes one convolution with kernel K s m and bias
   (b s + t) m, then the ReLU (relu(z) m = relu(z m) for m >= 0);
-- a chain of a few-channel stride-1 convolution and a ReLU also takes a 2x2 max-pool
-  that follows it, computed without the full-resolution map
-  (`layers.input_conv.conv_relu_max_pool`; LeNet-5's conv1 and pool1);
+- where the kernel choice (`anp_vs_tf.kernels.choose`) has them, a chain's convolution
+  runs a faster rewrite of the same op (`kernels.few_channel_conv` for the image's
+  convolution, `kernels.same_conv` for 'same' ones), and a chain of a few-channel
+  convolution and a ReLU also takes the 2x2 max-pool that follows it
+  (`conv_relu_max_pool`: LeNet-5's conv1 and pool1);
 - a mask whose only consumer is a Conv2D/Dense scales that layer's input weights
   (the 800 flattened LeNet features);
 - every other layer runs as it is (pooling, Flatten, Normalization, ...), and a mask
@@ -29,15 +31,15 @@ loop tensors folded once outside it.
 import keras
 import tensorflow as tf
 
-from anp_vs_tf.layers import FAST_CONV2D_LAYERS
+from anp_vs_tf import kernels
+from anp_vs_tf.kernels import few_channel_conv, same_conv
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
-from anp_vs_tf.layers.input_conv import MAX_FAST_CHANNELS, conv_relu_max_pool, is_plain_stride1_conv
 from anp_vs_tf.metrics.complexity import _nodes_in_order
 from anp_vs_tf.models.backbone import split_outputs
 
 L = keras.layers
 # Exactly these types: a subclass may compute something else in its call().
-_LINEAR = (L.Conv2D, L.Dense) + FAST_CONV2D_LAYERS
+_LINEAR = (L.Conv2D, L.Dense)
 
 
 def _is_linear(layer):
@@ -67,8 +69,7 @@ def _sole_consumer(node, outputs_needed):
 
 def _pools_after(linear, pool, input_shape):
     """True if `pool` is a 2x2/2 max-pool that conv_relu_max_pool can take into `linear`'s chain."""
-    return (isinstance(linear, L.Conv2D) and is_plain_stride1_conv(linear)
-            and None not in input_shape[1:] and input_shape[-1] <= MAX_FAST_CHANNELS
+    return (isinstance(linear, L.Conv2D) and few_channel_conv.applies_to_input(linear, input_shape)
             and type(pool) is L.MaxPooling2D and tuple(pool.pool_size) == (2, 2)
             and tuple(pool.strides) == (2, 2) and pool.padding == "valid" and pool.data_format == "channels_last")
 
@@ -77,8 +78,9 @@ class _Chain:
     """Conv2D/Dense -> [BN] -> [ReLU] -> [mask] -> [2x2 max-pool], evaluated as one layer
     with folded weights."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, input_shape, choice):
         self.linear, self.norm, self.relu, self.mask, self.pool = linear, None, None, None, None
+        self.input_shape, self.choice = input_shape, choice
 
     def layers(self):
         return [layer for layer in (self.linear, self.norm, self.relu, self.mask, self.pool) if layer is not None]
@@ -104,10 +106,10 @@ class _Chain:
         dtype = linear.compute_dtype
         x = tf.cast(x, dtype)
         if self.pool is not None:
-            return conv_relu_max_pool(x, tf.cast(kernel, dtype), None if bias is None else tf.cast(bias, dtype),
-                                      linear.padding)
+            return few_channel_conv.conv_relu_max_pool(
+                x, tf.cast(kernel, dtype), None if bias is None else tf.cast(bias, dtype), linear.padding)
         if isinstance(linear, L.Conv2D):
-            y = linear.convolution_op(x, tf.cast(kernel, dtype))
+            y = self._convolution(x, tf.cast(kernel, dtype))
         elif x.shape.rank == 2:
             y = tf.matmul(x, tf.cast(kernel, dtype))
         else:
@@ -117,10 +119,20 @@ class _Chain:
         activation = self.relu.call if self.relu is not None else _activation(linear)
         return activation(y)
 
+    def _convolution(self, x, kernel):
+        """The chain's convolution, by the rewrite the kernel choice has for it, if any."""
+        linear, choice = self.linear, self.choice
+        if choice.few_channel_conv and few_channel_conv.applies_to_input(linear, self.input_shape):
+            return few_channel_conv.conv2d_fast_input_gradient(x, kernel, linear.padding)
+        if choice.same_conv and same_conv.applies_to(linear, self.input_shape):
+            return same_conv.same_convolution(x, kernel, linear.kernel_size)
+        return linear.convolution_op(x, kernel)
 
-def _plan(backbone):
+
+def _plan(backbone, choice=kernels.PLAIN):
     """(logits tensor, nodes in order, {id(first layer of a chain): chain},
-    [(mask, the layer whose input rows it scales)]), or None for a graph this cannot walk."""
+    [(mask, the layer whose input rows it scales)]), or None for a graph this cannot walk.
+    `choice` is the `kernels.KernelChoice` the chains compute with."""
     outputs = getattr(backbone, "outputs", None)
     if not outputs:
         return None
@@ -140,7 +152,7 @@ def _plan(backbone):
         layer = node.operation
         if id(layer) in claimed or not _is_linear(layer):
             continue
-        chain = _Chain(layer)
+        chain = _Chain(layer, node.input_tensors[0].shape, choice)
         nxt = _sole_consumer(node, needed)
         if (isinstance(nxt, L.BatchNormalization) and _activation(layer) is keras.activations.linear
                 and nxt.axis in (-1, len(node.output_tensors[0].shape) - 1)):
@@ -154,7 +166,7 @@ def _plan(backbone):
             chain.mask = nxt
             nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
         rectified = chain.relu is not None or _activation(layer) is keras.activations.relu
-        if rectified and _pools_after(layer, nxt, node.input_tensors[0].shape):
+        if choice.conv_relu_pool and rectified and _pools_after(layer, nxt, node.input_tensors[0].shape):
             chain.pool = nxt
         chains[id(layer)] = chain
         claimed.update(id(part) for part in chain.layers())
@@ -167,12 +179,14 @@ def _plan(backbone):
     return logits, nodes, chains, into_consumer
 
 
-def folded_logits(backbone):
+def folded_logits(backbone, kernels_setting=None):
     """x -> the backbone's inference logits, with masks and batch norm folded into weights.
 
     Equal to `split_outputs(backbone(x, training=False))[0]` up to float rounding.
+    kernels_setting: "auto", "keras" or a `kernels.KernelChoice`; None takes the
+    enclosing `kernels.use()`. It is resolved now, for the device being traced for.
     """
-    plan = _plan(backbone)
+    plan = _plan(backbone, kernels.choose(kernels_setting, backbone.compute_dtype))
     if plan is None:
         return lambda x: split_outputs(backbone(x, training=False))[0]
     logits, nodes, chains, into_consumer = plan

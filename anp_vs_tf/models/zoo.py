@@ -11,18 +11,15 @@ the convolutions and dense layers have mean-field Gaussian weights (AT BNN).
 
 Layer names are the same with and without the masks ("conv1", "dense1", "logits",
 ...), which is what lets a pruning run start from a pretrained base model.
+
+The layers are Keras' own plus the method's (masks, Gaussian weights): what a user
+would write. Faster kernels for a device are chosen when a step is traced
+(`anp_vs_tf.kernels`), never built into the model.
 """
 
 import keras
 
-from anp_vs_tf.layers import (
-    BetaBernoulliDropout,
-    FusedBatchNormalization,
-    GaussianConv2D,
-    GaussianDense,
-    InputConv2D,
-    SameConv2D,
-)
+from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -61,19 +58,12 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform", on_input=False):
-        """on_input: the conv reads the image; its input gradient (every attack step) is made fast.
-        Stride-1 'same' convs get faster passes on CPU (SameConv2D)."""
+             kernel_initializer="glorot_uniform"):
         if self.bayesian:
             return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
-        conv = keras.layers.Conv2D
-        if on_input:
-            conv = InputConv2D
-        elif padding == "same":
-            conv = SameConv2D
-        return conv(filters, kernel_size, padding=padding, activation=activation,
-                    use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
+        return keras.layers.Conv2D(filters, kernel_size, padding=padding, activation=activation,
+                                   use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
 
     def dense(self, units, name, activation=None, use_bias=True, kernel_initializer="glorot_uniform"):
         if self.bayesian:
@@ -103,7 +93,7 @@ def lenet5_caffe(input_shape=(28, 28, 1), num_classes=10, prunable=False, mask_k
     """
     hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
-    x = hidden(make.conv(20, 5, "conv1", activation="relu", on_input=True)(inputs), "conv1")
+    x = hidden(make.conv(20, 5, "conv1", activation="relu")(inputs), "conv1")
     x = keras.layers.MaxPooling2D(2, name="pool1")(x)
     x = hidden(make.conv(50, 5, "conv2", activation="relu")(x), "conv2")
     x = keras.layers.MaxPooling2D(2, name="pool2")(x)
@@ -117,8 +107,12 @@ VGG16_CONV = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"
 
 
 def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None,
-          bayesian_kwargs=None):
-    """VGG-16 for CIFAR: 13 conv-BN-ReLU blocks, two dense-BN-ReLU 512 layers, the classifier."""
+          bayesian_kwargs=None, synchronized_bn=False):
+    """VGG-16 for CIFAR: 13 conv-BN-ReLU blocks, two dense-BN-ReLU 512 layers, the classifier.
+
+    synchronized_bn: batch statistics over the global batch of all replicas under a
+    distribution strategy (Keras' `BatchNormalization(synchronized=True)`).
+    """
     hidden, make = _Hidden(prunable, mask_kwargs), _Weights(bayesian_kwargs)
     inputs = keras.Input(input_shape, name="image")
     x = keras.layers.Normalization(
@@ -132,13 +126,13 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
             continue
         conv += 1
         x = make.conv(width, 3, f"conv{conv}", padding="same", use_bias=False,
-                      kernel_initializer="he_normal", on_input=conv == 1)(x)
-        x = FusedBatchNormalization(name=f"bn{conv}")(x)
+                      kernel_initializer="he_normal")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{conv}", synchronized=synchronized_bn)(x)
         x = hidden(keras.layers.ReLU(name=f"relu{conv}")(x), f"conv{conv}")
     x = keras.layers.Flatten(name="flatten")(x)
     for i in (1, 2):
         x = make.dense(512, f"dense{i}", use_bias=False, kernel_initializer="he_normal")(x)
-        x = FusedBatchNormalization(name=f"dense{i}_bn")(x)
+        x = keras.layers.BatchNormalization(name=f"dense{i}_bn", synchronized=synchronized_bn)(x)
         x = hidden(keras.layers.ReLU(name=f"dense{i}_relu")(x), f"dense{i}")
     logits = make.dense(num_classes, "logits")(x)
     return keras.Model(inputs, hidden.outputs(logits), name="vgg16")

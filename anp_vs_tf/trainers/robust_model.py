@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
+from anp_vs_tf import kernels as kernel_choice
 from anp_vs_tf import precision
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
@@ -48,6 +49,11 @@ class RobustModel(keras.Model):
             statistics stay per view as in the authors' two separate passes.
         seed: seed of every random draw in training (attack starts, masks); each
             step's draws are keyed by (seed, step), so a resumed run repeats them.
+        kernels: "auto" (default) lets each traced step pick the faster kernels measured
+            for the device it runs on (`anp_vs_tf.kernels`: on some CPUs, rewrites of
+            the attack's convolutions and concurrent attack chunks; on GPUs, TPUs and
+            under XLA, Keras' own); "keras" uses plain Keras ops everywhere. The model's
+            layers are the same either way.
     """
 
     def __init__(
@@ -58,9 +64,13 @@ class RobustModel(keras.Model):
         eval_adversary=None,
         fuse_views="auto",
         seed=None,
+        kernels="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if kernels not in kernel_choice.SETTINGS:
+            raise ValueError(f"kernels must be one of {kernel_choice.SETTINGS}, got {kernels!r}.")
+        self.kernels = kernels
         self.backbone = backbone
         self.method = get_method(method)
         self.adversary = adversary
@@ -210,7 +220,8 @@ class RobustModel(keras.Model):
 
         Without a `seed`, the random start comes from the model's evaluation stream.
         The deterministic masks and batch norm are folded into the weights for the
-        attack's steps (`models.folding`: the same logits, fewer passes per step).
+        attack's steps (`models.folding`: the same logits, fewer passes per step), and
+        the attack runs with the kernels `self.kernels` picks for the device.
         """
         adversary = adversary or self.adversary
         if seed is None:
@@ -218,10 +229,11 @@ class RobustModel(keras.Model):
         if getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers:
             logits = self.stochastic_logits
         elif self.method.predicts_with_backbone:
-            logits = folded_logits(self.backbone)
+            logits = folded_logits(self.backbone, self.kernels)
         else:
             logits = self.inference_logits
-        return adversary(logits, x, y, seed)
+        with kernel_choice.use(self.kernels):
+            return adversary(logits, x, y, seed)
 
     def forward_views(self, x, x_adv=None, seed=None):
         """Training-mode forward of x and x~ sharing one mask sample per example.
@@ -377,6 +389,7 @@ class RobustModel(keras.Model):
             eval_adversary=_serialize(self.eval_adversary),
             fuse_views=self.fuse_views,
             seed=self.seed,
+            kernels=self.kernels,
         )
         return config
 

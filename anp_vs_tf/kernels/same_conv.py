@@ -1,4 +1,4 @@
-"""`SameConv2D`: a stride-1 'same' Conv2D whose passes are rewritten where oneDNN is slow on CPU.
+"""A stride-1 'same' convolution whose passes are rewritten where oneDNN was slow on a CPU.
 
 VGG-16's conv2-conv13 are 3x3 'same' convolutions over maps from 32x32 down to 2x2. An
 attack step runs each of them forward and back to its input, k times per adversarial
@@ -21,17 +21,15 @@ training step. Measured on 2-core CPUs, batch 128, three of TensorFlow's kernels
   output gradient. That held up to 8x8 maps (SMALL_MAP positions) inside training
   steps; over larger maps, and in float32, the matmuls were slower.
 
-The layer is otherwise a `keras.layers.Conv2D` (same weights, config and results to
-float rounding), and the rewrites apply only where they are exact: TensorFlow,
-channels_last, stride 1, no dilation, one group, "same" padding, a static map.
-`export.compact` turns the layer back into a plain Conv2D.
+Each is exact to float rounding where it applies (TensorFlow, channels_last, stride 1,
+no dilation, one group, "same" padding, a static map: `applies_to`), and each is a
+function of tensors: `kernels.choose` decides where it runs, and no saved model holds it.
 """
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf.layers.input_conv import is_plain_stride1_conv, same_padding
+from anp_vs_tf.kernels.few_channel_conv import is_plain_stride1_conv, same_padding
 
 SMALL_MAP = 64  # positions (8x8): up to here the bfloat16 kernel gradient by matmuls measured faster
 
@@ -118,29 +116,15 @@ def conv2d_same(x, kernel, kernel_gradient_by_matmuls=False):
     return convolve(x, kernel)
 
 
-@keras.saving.register_keras_serializable(package="anp_vs_tf")
-class SameConv2D(keras.layers.Conv2D):
-    """A `keras.layers.Conv2D` (stride 1, 'same') with faster passes on CPU."""
-
-    def _applies(self, inputs):
-        return (
-            is_plain_stride1_conv(self)
-            and self.padding == "same"
-            and len(inputs.shape) == 4
-            and None not in inputs.shape[1:]
-        )
-
-    def convolution_op(self, inputs, kernel):
-        if not self._applies(inputs):
-            return super().convolution_op(inputs, kernel)
-        kernel = tf.convert_to_tensor(kernel)
-        inputs = tf.cast(inputs, kernel.dtype)
-        if dense_is_cheaper(inputs.shape[1:3], self.kernel_size):
-            return conv2d_as_matmul(inputs, kernel)
-        small = inputs.shape[1] * inputs.shape[2] <= SMALL_MAP
-        return conv2d_same(inputs, kernel, kernel_gradient_by_matmuls=small and inputs.dtype == tf.bfloat16)
+def applies_to(layer, input_shape):
+    """True if `layer` is a convolution `same_convolution` computes over inputs of `input_shape`."""
+    return (is_plain_stride1_conv(layer) and layer.padding == "same" and len(input_shape) == 4
+            and None not in tuple(input_shape[1:]))
 
 
-@keras.saving.register_keras_serializable(package="anp_vs_tf")
-class SmallMapConv2D(SameConv2D):
-    """SameConv2D's name before it covered every map size; kept so that older saved models load."""
+def same_convolution(x, kernel, kernel_size):
+    """tf.nn.conv2d(x, kernel, 1, "SAME") by the cheapest rewrite for the map size and dtype."""
+    if dense_is_cheaper(x.shape[1:3], kernel_size):
+        return conv2d_as_matmul(x, kernel)
+    small = x.shape[1] * x.shape[2] <= SMALL_MAP
+    return conv2d_same(x, kernel, kernel_gradient_by_matmuls=small and x.dtype == tf.bfloat16)

@@ -1,21 +1,20 @@
-"""`InputConv2D`: a Conv2D for the network's input, whose input gradient is fast on CPU.
+"""Convolutions of a few-channel input (the image) whose input gradient is fast on some CPUs.
 
 Every PGD step needs the loss gradient with respect to the image, and so the first
 convolution's gradient with respect to *its* input, which training never needs. With
 an input of 1 or 3 channels that gradient is a convolution with 1 or 3 output
-channels, a shape oneDNN's backward-data kernel handles poorly: for LeNet-5-Caffe's
-conv1 on a batch of 128 it takes about 5x the forward convolution, ~40% of an attack
-step. Written as one matmul (dy times the kernel: every output position's columns)
-followed by col2im (summing the kh*kw shifted column planes), it is about 2x faster.
-
-The layer is otherwise a `keras.layers.Conv2D` (same weights, config and forward op),
-and the fast path is used only where it applies: TensorFlow, channels_last, stride 1,
-no dilation, one group, at most `MAX_FAST_CHANNELS` input channels. `export.compact`
-turns it back into a plain Conv2D.
+channels, a shape oneDNN's backward-data kernel handled poorly on an AVX2 CPU (AMD Zen
+3): for LeNet-5-Caffe's conv1 on a batch of 128 it took about 5x the forward
+convolution, ~40% of an attack step. Written as one matmul (dy times the kernel: every
+output position's columns) followed by col2im (summing the kh*kw shifted column
+planes), it was about 2x faster.
 
 Where such a convolution is followed by a ReLU and a 2x2 max-pool (LeNet-5's conv1 and
 pool1), an attack needs only the pooled output, and `conv_relu_max_pool` computes it
-without the full-resolution map (`models.folding` uses it).
+without the full-resolution map.
+
+These are functions of tensors, not layers: `kernels.choose` decides where they run
+(the attack's folded network, `models.folding`), and no saved model holds them.
 """
 
 import keras
@@ -40,6 +39,12 @@ def _col2im_input_gradient(dy, kernel, padding, input_height, input_width):
         top, left = (kh - 1) // 2, (kw - 1) // 2
         padded = padded[:, top:top + input_height, left:left + input_width]
     return padded
+
+
+def applies_to_input(layer, input_shape):
+    """True if `layer`'s convolution over inputs of `input_shape` is one these functions compute."""
+    return (is_plain_stride1_conv(layer) and None not in tuple(input_shape[1:])
+            and input_shape[-1] <= MAX_FAST_CHANNELS)
 
 
 def conv2d_fast_input_gradient(x, kernel, padding):
@@ -120,7 +125,7 @@ def same_padding(k):
 
 def is_plain_stride1_conv(layer):
     """True for a Conv2D whose op is tf.nn.conv2d at stride 1 (TensorFlow, channels_last,
-    no dilation, one group): the case the package's faster convolution paths rewrite."""
+    no dilation, one group): the case the faster convolutions of this package rewrite."""
     return (
         keras.backend.backend() == "tensorflow"
         and layer.data_format == "channels_last"
@@ -128,21 +133,3 @@ def is_plain_stride1_conv(layer):
         and tuple(layer.dilation_rate) == (1, 1)
         and layer.groups == 1
     )
-
-
-@keras.saving.register_keras_serializable(package="anp_vs_tf")
-class InputConv2D(keras.layers.Conv2D):
-    """A `keras.layers.Conv2D` with a faster gradient with respect to a few-channel input."""
-
-    def _fast_path(self, inputs):
-        return (
-            is_plain_stride1_conv(self)
-            and inputs.shape[-1] is not None and inputs.shape[-1] <= MAX_FAST_CHANNELS
-            and inputs.shape[1] is not None and inputs.shape[2] is not None
-        )
-
-    def convolution_op(self, inputs, kernel):
-        if not self._fast_path(inputs):
-            return super().convolution_op(inputs, kernel)
-        kernel = tf.convert_to_tensor(kernel)
-        return conv2d_fast_input_gradient(tf.cast(inputs, kernel.dtype), kernel, self.padding)
