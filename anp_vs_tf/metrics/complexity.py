@@ -61,7 +61,6 @@ from anp_vs_tf.layers.select_features import SelectFeatures
 from anp_vs_tf.models.graph import (
     GAUSSIAN,
     LINEAR,
-    _keras_nodes_in_order,
     is_linear_like,
     needed_outputs,
     nodes_in_order,
@@ -196,12 +195,6 @@ class Complexity:
 
 
 # -- the graph -------------------------------------------------------------------------
-
-
-def _nodes_in_order(outputs):
-    """Keras' own nodes, inputs first: only for models/folding.py, which imports this
-    until it walks `models.graph.nodes_in_order`; delete it then."""
-    return _keras_nodes_in_order(outputs)
 
 
 def _check_supported(node, used):

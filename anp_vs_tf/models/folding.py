@@ -34,37 +34,22 @@ import tensorflow as tf
 from anp_vs_tf import kernels
 from anp_vs_tf.kernels import few_channel_conv, same_conv
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
-from anp_vs_tf.metrics.complexity import _nodes_in_order
 from anp_vs_tf.models.backbone import split_outputs
+from anp_vs_tf.models.graph import (
+    called_once,
+    is_homogeneous_relu,
+    is_linear,
+    logits_output,
+    nodes_in_order,
+    only_node,
+    sole_consumer,
+)
 
 L = keras.layers
-# Exactly these types: a subclass may compute something else in its call().
-_LINEAR = (L.Conv2D, L.Dense)
-
-
-def _is_linear(layer):
-    return type(layer) in _LINEAR
-
-
-def _homogeneous(layer):
-    """A ReLU layer with f(m x) = m f(x) for m >= 0."""
-    return (isinstance(layer, L.ReLU) and layer.max_value is None and float(layer.threshold) == 0.0
-            and float(layer.negative_slope) == 0.0)
 
 
 def _activation(layer):
     return getattr(layer, "activation", None)
-
-
-def _sole_consumer(node, outputs_needed):
-    """The layer that alone consumes `node`'s output, or None."""
-    layer = node.operation
-    if len(layer._inbound_nodes) != 1 or id(node.output_tensors[0]) in outputs_needed:
-        return None
-    consumers = layer._outbound_nodes
-    if len(consumers) != 1 or len(consumers[0].operation._inbound_nodes) != 1:
-        return None
-    return consumers[0].operation
 
 
 def _pools_after(linear, pool, input_shape):
@@ -133,48 +118,42 @@ def _plan(backbone, choice=kernels.PLAIN):
     """(logits tensor, nodes in order, {id(first layer of a chain): chain},
     [(mask, the layer whose input rows it scales)]), or None for a graph this cannot walk.
     `choice` is the `kernels.KernelChoice` the chains compute with."""
-    outputs = getattr(backbone, "outputs", None)
-    if not outputs:
-        return None
-    struct = getattr(backbone, "_outputs_struct", None)
-    logits = struct["logits"] if isinstance(struct, dict) else outputs[0]
     try:
-        nodes = _nodes_in_order([logits])
+        logits = logits_output(backbone)
+        nodes = nodes_in_order([logits])
     except ValueError:
         return None
-    if any(isinstance(node.operation, keras.Model) or len(node.operation._inbound_nodes) != 1
-           for node in nodes):
+    if any(isinstance(node.layer, keras.Model) or not called_once(node.layer) for node in nodes):
         return None
-    needed = {id(logits)}
     chains, into_consumer = {}, []
     claimed = set()
     for node in nodes:
-        layer = node.operation
-        if id(layer) in claimed or not _is_linear(layer):
+        layer = node.layer
+        if id(layer) in claimed or not is_linear(layer):
             continue
-        chain = _Chain(layer, node.input_tensors[0].shape, choice)
-        nxt = _sole_consumer(node, needed)
+        chain = _Chain(layer, node.inputs[0].shape, choice)
+        nxt = sole_consumer(node, keep=[logits])
         if (isinstance(nxt, L.BatchNormalization) and _activation(layer) is keras.activations.linear
-                and nxt.axis in (-1, len(node.output_tensors[0].shape) - 1)):
+                and nxt.axis in (-1, len(node.output.shape) - 1)):
             chain.norm = nxt
-            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
-        if _homogeneous(nxt) and _activation(layer) is keras.activations.linear:
+            nxt = sole_consumer(only_node(nxt), keep=[logits])
+        if is_homogeneous_relu(nxt) and _activation(layer) is keras.activations.linear:
             chain.relu = nxt
-            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
+            nxt = sole_consumer(only_node(nxt), keep=[logits])
         if isinstance(nxt, BetaBernoulliDropout) and (
                 chain.relu is not None or _activation(layer) in (keras.activations.relu, keras.activations.linear)):
             chain.mask = nxt
-            nxt = _sole_consumer(nxt._inbound_nodes[0], needed)
+            nxt = sole_consumer(only_node(nxt), keep=[logits])
         rectified = chain.relu is not None or _activation(layer) is keras.activations.relu
-        if choice.conv_relu_pool and rectified and _pools_after(layer, nxt, node.input_tensors[0].shape):
+        if choice.conv_relu_pool and rectified and _pools_after(layer, nxt, node.inputs[0].shape):
             chain.pool = nxt
         chains[id(layer)] = chain
         claimed.update(id(part) for part in chain.layers())
     for node in nodes:
-        layer = node.operation
+        layer = node.layer
         if isinstance(layer, BetaBernoulliDropout) and id(layer) not in claimed:
-            consumer = _sole_consumer(node, needed)
-            if _is_linear(consumer):
+            consumer = sole_consumer(node, keep=[logits])
+            if is_linear(consumer):
                 into_consumer.append((layer, consumer))
     return logits, nodes, chains, into_consumer
 
@@ -197,19 +176,19 @@ def folded_logits(backbone, kernels_setting=None):
     def run(x):
         values = {}  # id(KerasTensor) -> tensor
         for node in nodes:
-            layer = node.operation
-            out = node.output_tensors[0]
+            layer = node.layer
+            out = node.output
             if isinstance(layer, L.InputLayer):
                 values[id(out)] = x
                 continue
             chain = members.get(id(layer))
             if chain is not None and layer is not chain.linear:
                 continue  # the chain's other layers are in its weights
-            inputs = [values[id(t)] for t in node.input_tensors]
+            inputs = [values[id(t)] for t in node.inputs]
             if chain is not None:
                 mask = input_mask.get(id(layer))
                 end = chain.layers()[-1]  # the chain's result is its last layer's output
-                values[id(end._inbound_nodes[0].output_tensors[0])] = chain(
+                values[id(only_node(end).output)] = chain(
                     inputs[0], None if mask is None else mask.inference_mask())
                 continue
             if id(layer) in passed_on:
