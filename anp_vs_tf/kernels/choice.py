@@ -109,7 +109,10 @@ def _on_cpu():
     strategy = tf.distribute.get_strategy()
     if "TPU" in type(strategy).__name__:
         return False
-    devices = strategy.extended.worker_devices
+    try:
+        devices = strategy.extended.worker_devices
+    except (AttributeError, NotImplementedError, RuntimeError):  # a strategy that does not say: plain ops
+        return False
     return not any("GPU" in d.upper() or "TPU" in d.upper() for d in devices)
 
 
