@@ -1,12 +1,16 @@
 """Each faster kernel of `anp_vs_tf.kernels` against plain Keras, on this machine: the
 evidence behind `kernels.choice.MEASURED`, the table `kernels="auto"` reads.
 
-    ANP_VS_DATA_DIR=../shared/data python benchmarks/kernel_choice.py [--json OUT.json] [--rounds 7]
+    ANP_VS_DATA_DIR=../shared/data python benchmarks/kernel_choice.py [--json OUT.json] [--rounds 5] [--traces 3]
 
 For LeNet-5-Caffe (MNIST, PGD-20) and VGG-16 (CIFAR-10, PGD-10), batch 128, float32, the
 attack of one AT step (`RobustModel.attack`: folded network, compiled) is timed with each
-rewrite alone and with all of them, in alternation with the plain kernels (the machine's
-speed drifts; see timing.py); the median round gives each variant's time relative to plain.
+rewrite that applies to the model alone, with all of them, and with what
+`kernels="auto"` picks on this machine, in alternation with the
+plain kernels (the machine's speed drifts; see timing.py). oneDNN's graph rewrites are
+won or lost per trace (a LeNet-5 attack identical to plain ran 0.78x of it in another
+trace), so every variant is traced `--traces` times, each trace its own model and
+`tf.function`, and the median over traces and rounds gives its time relative to plain.
 The attack is ~k/(k+1) of an AT step, so these ratios are close to the step's.
 """
 
@@ -31,10 +35,13 @@ VARIANTS = {
     "chunks=2": K(attack_chunks=2),
     "own_gradient_function": K(own_gradient_function=True),
     "all": K(True, True, True, attack_chunks=2, own_gradient_function=True),
+    "auto": "auto",  # what kernels.choose() picks here (kernels.choice.MEASURED)
 }
-CASES = {
-    "lenet5_mnist": dict(model="lenet5_caffe", dataset="mnist", k=20, eps=0.3, step=0.01, calls=3),
-    "vgg16_cifar10": dict(model="vgg16", dataset="cifar10", k=10, eps=0.03, step=0.007, calls=1),
+CASES = {  # `skip`: rewrites with nothing to rewrite in that model (they equal plain)
+    "lenet5_mnist": dict(model="lenet5_caffe", dataset="mnist", k=20, eps=0.3, step=0.01, calls=3,
+                         skip=("same_conv",)),
+    "vgg16_cifar10": dict(model="vgg16", dataset="cifar10", k=10, eps=0.03, step=0.007, calls=1,
+                          skip=("conv_relu_pool",)),
 }
 BATCH = 128
 
@@ -63,7 +70,8 @@ def attack_timer(case, variant, x, y):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="kernel_choice.json")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--traces", type=int, default=3, help="independent traces of each variant")
     parser.add_argument("--cases", default=",".join(CASES))
     args = parser.parse_args()
     flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -75,16 +83,19 @@ def main():
         images, labels, _ = data.load_arrays(case["dataset"], "train", download=False)
         x = tf.constant(images[:BATCH].astype("float32") / 255.0)
         y = tf.constant(labels[:BATCH].astype("int32"))
-        timers = {v: attack_timer(case, choice, x, y) for v, choice in VARIANTS.items()}
-        seconds = {v: [] for v in VARIANTS}
+        variants = [v for v in VARIANTS if v not in case["skip"]]
+        timers = [(v, attack_timer(case, VARIANTS[v], x, y)) for _ in range(args.traces) for v in variants]
+        seconds = {v: [] for v in variants}
         for _ in range(args.rounds):
-            for v, run in timers.items():
+            for v, run in timers:
                 seconds[v].append(run())
         median = {v: float(np.median(s)) for v, s in seconds.items()}
-        relative = {v: median[v] / median["plain"] for v in VARIANTS}
+        relative = {v: median[v] / median["plain"] for v in variants}
         results[name] = {"median_s": median, "relative_to_plain": relative, "seconds": seconds}
-        for v in VARIANTS:
-            print(f"  {name:14s} {v:22s} {median[v] * 1000:8.1f} ms  x{relative[v]:.3f}", flush=True)
+        for v in variants:
+            low, high = np.percentile(seconds[v], [25, 75]) * 1000
+            print(f"  {name:14s} {v:22s} {median[v] * 1000:8.1f} ms  x{relative[v]:.3f}"
+                  f"  (quartiles {low:.0f}-{high:.0f} ms)", flush=True)
     with open(args.json, "w") as f:
         json.dump({"cpu": model_name, "cpu_family": kernels.cpu_family(), "results": results}, f, indent=2)
 

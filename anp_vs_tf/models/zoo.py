@@ -161,11 +161,12 @@ def check_input_shape(name, input_shape):
 
 
 def build_model(name, input_shape=None, num_classes=10, prunable=False, mask_kwargs=None,
-                bayesian_kwargs=None):
+                bayesian_kwargs=None, **architecture_kwargs):
     """Build architecture `name` (see MODELS) for `input_shape` images and `num_classes`.
 
     prunable: add a BetaBernoulliDropout after every hidden layer (mask_kwargs go to it).
     bayesian_kwargs: if given (even {}), Gaussian weights with these settings (AT BNN).
+    architecture_kwargs: the builder's own options, e.g. `synchronized_bn=True` for vgg16.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}.")
@@ -173,4 +174,4 @@ def build_model(name, input_shape=None, num_classes=10, prunable=False, mask_kwa
     input_shape = tuple(input_shape or default_shape)
     check_input_shape(name, input_shape)
     return builder(input_shape, num_classes, prunable=prunable, mask_kwargs=mask_kwargs,
-                   bayesian_kwargs=bayesian_kwargs)
+                   bayesian_kwargs=bayesian_kwargs, **architecture_kwargs)
