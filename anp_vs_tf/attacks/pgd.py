@@ -9,7 +9,7 @@ int32 tensor) for the random start, so a run is reproducible step by step.
 import keras
 import tensorflow as tf
 
-from anp_vs_tf import kernels
+from anp_vs_tf import distribute, kernels
 from anp_vs_tf.distribute import replica_rows
 
 NORMS = ("linf", "l2")
@@ -52,7 +52,8 @@ class PGD:
             the others, so the result is the same to float rounding. "auto" (default)
             takes the number `kernels.choose()` has for the device when the attack is
             traced: 2 on the 2-core AVX2 CPU where it was measured (one batch's ops left
-            a core idle; PGD-20 on LeNet-5 ~20% faster), 1 elsewhere (GPU, TPU, XLA).
+            a core idle; PGD-20 on LeNet-5 ~20% faster), 1 elsewhere (other CPUs, GPUs,
+            TPUs, XLA).
             A batch smaller than `chunks` is attacked whole, and an empty batch comes
             back as it is: no chunk is ever empty (oneDNN's MaxPoolGrad aborts the
             process on an empty batch in TensorFlow 2.21).
@@ -125,7 +126,8 @@ class PGD:
 
     def _random_start(self, x, seed):
         # Each example's start is its row of a draw for the global batch, whatever the
-        # number of replicas (see distribute.replica_rows).
+        # number of replicas (see distribute.replica_rows). Uniform draws and seeds come
+        # from `distribute`, so they are the same under XLA; Gaussian ones are not.
         rows, example = tf.shape(x)[0], tf.shape(x)[1:]
 
         def draw(sample):
@@ -135,14 +137,14 @@ class PGD:
             noise = draw(lambda shape: tf.random.stateless_normal(shape, seed, stddev=self.random_start))
             return self.project(x + tf.cast(noise, x.dtype), x)
         if self.norm == "linf":
-            delta = draw(lambda shape: tf.random.stateless_uniform(shape, seed, -self.eps, self.eps))
+            delta = draw(lambda shape: distribute.stateless_uniform(shape, seed, -self.eps, self.eps))
         else:
             # Uniform in the L2 ball: a uniform direction times radius eps * u^(1/d).
-            direction_seed, radius_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+            direction_seed, radius_seed = tf.unstack(distribute.split(seed, 2))
             direction = draw(lambda shape: tf.random.stateless_normal(shape, direction_seed))
             direction = direction / _per_example_l2(direction)
             dims = tf.cast(tf.reduce_prod(example), tf.float32)
-            u = draw(lambda shape: tf.random.stateless_uniform(
+            u = draw(lambda shape: distribute.stateless_uniform(
                 tf.concat([shape[:1], tf.ones_like(shape[1:])], 0), radius_seed))
             delta = direction * self.eps * tf.pow(u, 1.0 / dims)
         return self.project(x + tf.cast(delta, x.dtype), x)
@@ -240,7 +242,7 @@ class PGD:
     def _attack(self, logits_fn, x, y, seed):
         if self.restarts == 1:
             return self._single_run(logits_fn, x, y, seed)
-        seeds = tf.random.experimental.stateless_split(seed, self.restarts)
+        seeds = distribute.split(seed, self.restarts)
         best = self._single_run(logits_fn, x, y, seeds[0])
         best_loss = self.loss_fn(logits_fn(best), y)
         for r in range(1, self.restarts):  # a handful of restarts, each a compiled loop

@@ -49,8 +49,11 @@ PLAIN = KernelChoice()
 # (instruction-set family, compute dtype) -> the choice measured faster there
 # (benchmarks/kernel_choice.py and throughput.py; benchmarks/README.md says where and when).
 MEASURED = {
-    # AMD EPYC (Zen 3), 2 cores, 2026-11-29: each rewrite 1.1-2x on its part of the step.
-    ("avx2", "float32"): KernelChoice(True, True, True, attack_chunks=2, own_gradient_function=True),
+    # AMD EPYC (Zen 3), 2 cores, 2026-11-29: each rewrite 1.1-2x on its part of the step,
+    # but the image conv's col2im gradient alone, which tied oneDNN on LeNet-5's conv1
+    # (conv_relu_pool replaces it there) and lost on VGG-16's (17.9 against 10.9 ms).
+    ("avx2", "float32"): KernelChoice(conv_relu_pool=True, same_conv=True, attack_chunks=2,
+                                      own_gradient_function=True),
     # Not ("avx512", ...): on an Intel Xeon with AVX-512/AMX, 2 cores, 2026-12-02, no
     # rewrite was faster than plain Keras from one run to the next (LeNet-5 PGD-20: conv1+
     # ReLU+pool1 and 2 chunks 0.79x in one run, 0.97-0.99x in the next; VGG-16 PGD-10: all
