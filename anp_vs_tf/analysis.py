@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from anp_vs_tf import distribute
 from anp_vs_tf.attacks.pgd import cross_entropy_loss
 from anp_vs_tf.metrics.vulnerability import example_vulnerability, feature_vulnerability
 
@@ -203,7 +204,7 @@ def first_layer_feature_vulnerability(model, dataset, adversary, seed=0):
         x = tf.convert_to_tensor(x, tf.float32)
         batch_sum = _first_layer_sum(
             model, x, tf.convert_to_tensor(y, tf.int32), adversary,
-            tf.random.experimental.stateless_fold_in(_stateless_seed(seed, 3), step),
+            distribute.fold_in(_stateless_seed(seed, 3), step),
         ).numpy()
         total = batch_sum if total is None else total + batch_sum
         count += int(x.shape[0])

@@ -9,8 +9,8 @@ float rounding (rtol 1e-4). Under XLA `kernels.choose()` gives plain Keras ops a
 one attack chunk; without XLA the step uses whatever "auto" picks for this CPU, and
 PGD with chunks=2 runs two concurrent attack loops, so those are compared too.
 
-What does not match as the package stands, and why: XLA draws *other random numbers*
-from the same stateless seed (TensorFlow 2.21, CPU):
+Why that needs care: XLA draws *other random numbers* from the same stateless seed
+with TensorFlow's own ops (TensorFlow 2.21, CPU):
 
 1. from the same Philox bits, TensorFlow's kernel makes a float in [0, 1) of the low
    23 bits of a 32-bit word, XLA of the high 23 bits
@@ -21,25 +21,23 @@ from the same stateless seed (TensorFlow 2.21, CPU):
    (`test_xla_makes_other_philox_bits_from_a_negative_seed_word`). Half of all derived
    seeds have a negative word.
 
-So PGD's uniform random start and the masks' noise (the Kumaraswamy draw of pi, the
-Logistic noise of the relaxed Bernoulli, their per-layer seeds) all differ under XLA,
-and so does any step that uses them: `test_xla_adversarial_training_step_with_random_start_matches`
-is a strict xfail for that. What is compared:
+So the package draws PGD's uniform random start and the masks' noise (the Kumaraswamy
+draw of pi, the Logistic noise of the relaxed Bernoulli, their per-layer seeds) with
+`distribute.stateless_uniform`, `fold_in` and `split`: alg="philox" and TensorFlow's
+float mapping done by graph ops, bit for bit the draws of before without XLA and the
+same numbers under XLA (tests/test_random_streams.py). With TensorFlow's random ops
+untouched, what is compared:
 
 - the whole step, random start and masks included, for AT and ANP-VS with PGD
-  chunks=1, chunks=2 (AT) and the default chunks, with the `same_uniform_floats`
-  fixture: it replaces `tf.random.stateless_uniform` by one that draws the Philox bits
-  with alg="philox" (key scrambled by graph ops, the same in both compilers) and maps
-  them to floats as TensorFlow's kernel does, so that no draw changes without XLA and
-  XLA draws the same (`test_same_uniform_floats_leaves_graph_draws_unchanged_and_makes_xla_agree`);
-- with TensorFlow's random ops untouched, AT with `random_start=False`, whose step has
-  no random draw at all;
+  chunks=1, chunks=2 (AT) and the default chunks (the masks' noise goes through log,
+  log1p and a sigmoid, which XLA computes to float rounding, not to the bit);
+- AT with `random_start=False`, whose step has no random draw at all;
 - `evaluate()` with an `eval_adversary` (standard and ANP-VS models from a trained
-  LeNet-5): acc, acc_adv, loss and vulnerability, PGD without random start as it runs,
-  and with the default random start under `same_uniform_floats`.
+  LeNet-5): acc, acc_adv, loss and vulnerability, PGD without and with its default
+  random start.
 
-Not compared: an ANP-VS step with TensorFlow's random ops untouched, whose masks differ
-by construction (other noise), not by a bug in the step's arithmetic.
+Not compared: PGD's Gaussian (TRADES) and L2 starts, whose Gaussian draws still differ
+under XLA (see `distribute.stateless_uniform`).
 
 Synchronized batch norm under MirroredStrategy
 ----------------------------------------------
@@ -64,9 +62,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.python.ops import stateless_random_ops
 
-from anp_vs_tf import attacks, kernels, models
+from anp_vs_tf import attacks, models
 from anp_vs_tf.data import load_arrays
 from anp_vs_tf.trainers import RobustModel, get_method
 
@@ -94,49 +91,6 @@ def _low_bits_to_unit_float(bits):
     return tf.bitcast(one_to_two, tf.float32) - 1.0
 
 
-def _install_same_uniform_floats(monkeypatch):
-    """Make every stateless uniform draw the same with and without XLA.
-
-    The replacement asks the original op for raw Philox bits with alg="philox" (its
-    key and counter are then scrambled by ordinary graph ops, identical in both
-    compilers; on a CPU without XLA this is what "auto_select" does anyway) and maps
-    float draws from the bits itself, as TensorFlow's own kernel does: without XLA
-    every draw is bit for bit what it was, under XLA it becomes the same. (This is
-    the package fix the final report proposes.) It is installed where the package (pgd.py,
-    beta_bernoulli.py: `tf.random`), TensorFlow Probability (`tf.compat.v2.random`:
-    `split_seed` and the Logistic noise of the masks) and TensorFlow's own
-    `stateless_fold_in` / `stateless_split` look it up. Returns a list that records,
-    per float draw traced, whether it was traced inside XLA.
-    """
-    original = stateless_random_ops.stateless_random_uniform
-    traced_in_xla = []
-
-    def stateless_uniform(shape, seed, minval=0, maxval=None, dtype=tf.float32, name=None,
-                          alg="auto_select"):
-        if alg is None or getattr(alg, "value", alg) in ("auto_select", 3):
-            alg = "philox"
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            return original(shape, seed, minval=minval, maxval=maxval, dtype=dtype, name=name, alg=alg)
-        traced_in_xla.append(kernels.in_xla())
-        bits = original(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=alg)
-        unit = _low_bits_to_unit_float(bits)
-        maxval = 1.0 if maxval is None else maxval
-        minval = tf.cast(minval, tf.float32)
-        return tf.cast(minval + (tf.cast(maxval, tf.float32) - minval) * unit, dtype)
-
-    monkeypatch.setattr(stateless_random_ops, "stateless_random_uniform", stateless_uniform)
-    monkeypatch.setattr(tf.random, "stateless_uniform", stateless_uniform)
-    monkeypatch.setattr(tf.compat.v2.random, "stateless_uniform", stateless_uniform)
-    return traced_in_xla
-
-
-@pytest.fixture
-def same_uniform_floats(monkeypatch):
-    """Every stateless uniform draw the same with and without XLA (`_install_same_uniform_floats`)."""
-    return _install_same_uniform_floats(monkeypatch)
-
-
 def _draws(seed, alg="auto_select"):
     bits = tf.random.stateless_uniform([256], seed, minval=None, maxval=None, dtype=tf.uint32, alg=alg)
     floats = tf.random.stateless_uniform([256], seed, alg=alg)
@@ -154,8 +108,8 @@ def test_xla_draws_the_same_philox_bits_but_other_floats():
     compilers make the same Philox bits (and derived seeds), but TensorFlow maps the low
     23 bits of a word to a float in [0, 1) and XLA the high 23 bits.
 
-    If TensorFlow ever maps them alike, this test fails, and `same_uniform_floats`
-    would no longer be needed for seeds like these.
+    If TensorFlow ever maps them alike, this test fails, and `distribute.stateless_uniform`
+    would no longer need to map the bits itself.
     """
     (bits, floats, folded), (bits_xla, floats_xla, folded_xla) = _with_and_without_xla(
         _draws, tf.constant([7, 3], tf.int32))
@@ -187,30 +141,6 @@ def test_xla_makes_other_philox_bits_from_a_negative_seed_word():
     np.testing.assert_array_equal(bits_philox, bits)  # on a CPU, "philox" is what "auto_select" picks ...
     np.testing.assert_array_equal(bits_philox_xla, bits_philox)  # ... and XLA agrees with it
     np.testing.assert_array_equal(folded_philox_xla, folded_philox)
-
-
-def test_same_uniform_floats_leaves_graph_draws_unchanged_and_makes_xla_agree():
-    """The replacement `same_uniform_floats` installs (the proposed fix) changes no draw
-    without XLA, and under XLA gives the same draws, from a seed with a negative word too."""
-    import tensorflow_probability as tfp
-
-    def draws(seed):
-        return (tf.random.stateless_uniform([64], seed, -0.3, 0.3),
-                tf.random.stateless_uniform([64], seed, minval=0, maxval=1000, dtype=tf.int32),
-                tf.random.experimental.stateless_fold_in(seed, 7),
-                tf.random.experimental.stateless_split(seed, 3),
-                tf.stack(tfp.random.split_seed(seed, n=2)),
-                tfp.distributions.Logistic(0.0, 1.0).sample(64, seed=seed))
-
-    seeds = [tf.constant(s, tf.int32) for s in ([7, 3], [-409271666, 1], [5, -1])]
-    before = [[t.numpy() for t in tf.function(draws)(seed)] for seed in seeds]
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        _install_same_uniform_floats(monkeypatch)
-        for seed, expected in zip(seeds, before):
-            graph, xla = _with_and_without_xla(draws, seed)
-            for e, g, x in zip(expected, graph, xla):
-                np.testing.assert_array_equal(g, e)
-                np.testing.assert_allclose(x, g, rtol=1e-6, atol=1e-6)
 
 
 # -- one or two training steps, with and without XLA ---------------------------------------
@@ -278,16 +208,13 @@ def _assert_same_step(trained, method_name):
 
 
 @pytest.mark.parametrize("method_name,pgd", [
-    ("at", "chunks=1"), ("at", "chunks=2"), ("at", "default"), ("anp_vs", "chunks=1"), ("anp_vs", "default"),
+    ("at", "chunks=1"), ("at", "chunks=2"), ("anp_vs", "chunks=1"), ("anp_vs", "default"),
 ])
-def test_xla_train_step_matches_graph_step_given_the_same_noise(method_name, pgd, mnist_batch,
-                                                                 same_uniform_floats):
-    """AT and ANP-VS, two steps each, random start and masks included (see the module docstring)."""
+def test_xla_train_step_matches_graph_step(method_name, pgd, mnist_batch):
+    """AT and ANP-VS, two steps each, random start and masks included (see the module
+    docstring); AT with the default chunks is the test after next."""
     x, y = mnist_batch
-    results = _train_with_and_without_xla(method_name, _pgd(PGDS[pgd]), x, y)
-    # The float draws were traced both inside and outside XLA: the patched op was used.
-    assert True in same_uniform_floats and False in same_uniform_floats
-    _assert_same_step(results, method_name)
+    _assert_same_step(_train_with_and_without_xla(method_name, _pgd(PGDS[pgd]), x, y), method_name)
 
 
 @pytest.mark.parametrize("pgd", PGDS)
@@ -297,12 +224,9 @@ def test_xla_adversarial_training_step_matches_without_random_start(pgd, mnist_b
     _assert_same_step(_train_with_and_without_xla("at", _pgd(PGDS[pgd], random_start=False), x, y), "at")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "XLA draws other stateless random numbers (see the two findings above), so the default "
-    "PGD's random start differs: fixed by drawing through a stateless_uniform helper that uses "
-    'alg="philox" and maps the bits itself (see same_uniform_floats and the final report)'))
 def test_xla_adversarial_training_step_with_random_start_matches(mnist_batch):
-    """AT with the default PGD (random start) and TensorFlow's random ops as they are."""
+    """AT with the default PGD (random start) and TensorFlow's random ops as they are: the
+    same random start under XLA, because the package draws it with `distribute.stateless_uniform`."""
     x, y = mnist_batch
     _assert_same_step(_train_with_and_without_xla("at", _pgd(PGDS["default"]), x, y), "at")
 
@@ -351,12 +275,10 @@ def test_xla_evaluate_with_eval_adversary_matches(method_name, trained_lenet, mn
                                                             eval_adversary))
 
 
-def test_xla_evaluate_with_random_start_matches_given_the_same_noise(trained_lenet, mnist_subset,
-                                                                     same_uniform_floats):
-    """evaluate() under XLA with the default random start, float draws made alike."""
+def test_xla_evaluate_with_random_start_matches(trained_lenet, mnist_subset):
+    """evaluate() under XLA with the default random start."""
     _assert_same_evaluation(*_evaluate_with_and_without_xla(trained_lenet, mnist_subset, "standard",
                                                             attacks.PGD(0.1, 0.05, 3)))
-    assert True in same_uniform_floats and False in same_uniform_floats
 
 
 # -- synchronized batch norm under MirroredStrategy over two logical CPUs -------------------

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from anp_vs_tf import distribute
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.layers.sampling import current_scope
 from anp_vs_tf.layers.walk import all_layers
@@ -74,13 +75,24 @@ def concrete_sample(pi, temperature, batch_size, seed):
     tfd.RelaxedBernoulli. Sampling the logistic and squashing here, rather than calling
     RelaxedBernoulli.sample, keeps the gradient finite where the sigmoid saturates
     (TFP's sigmoid bijector gives NaN there, and at t = 0.1 it saturates often).
+    The logistic noise is what `tfd.Logistic(loc, scale).sample(n, seed=seed)` computes,
+    from the same uniform draw, with the uniform of `distribute.stateless_uniform` so that
+    it is the same under XLA (the log and log1p of it then agree to float rounding).
     """
     pi = tf.clip_by_value(pi, _PI_EPS, 1.0 - _PI_EPS)
     logits = tf.math.log(pi) - tf.math.log1p(-pi)
-    noise = tfd.Logistic(logits / temperature, 1.0 / temperature)
+    loc = logits / temperature
+    scale = tf.constant(1.0 / temperature, tf.float32)
+
+    def logistic(n):
+        # As TFP's Logistic: u in (0, 1), from its smallest normal float up.
+        u = distribute.stateless_uniform(tf.concat([[n], tf.shape(loc)], 0), seed,
+                                         minval=np.finfo(np.float32).tiny, maxval=1.0)
+        return (tf.math.log(u) - tf.math.log1p(-u)) * scale + loc
+
     # Each example's noise is its row of a draw for the global batch, whatever the
     # number of replicas (see distribute.replica_rows).
-    return tf.sigmoid(replica_rows(lambda n: noise.sample(n, seed=seed), batch_size))
+    return tf.sigmoid(replica_rows(logistic, batch_size))
 
 
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
@@ -207,9 +219,9 @@ class BetaBernoulliDropout(keras.layers.Layer):
         if seed is None:
             seed = self.seed_generator.next()
         seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
-        pi_seed, z_seed = tfp.random.split_seed(seed, n=2)
+        pi_seed, z_seed = tf.unstack(distribute.split(seed, 2))  # = tfp.random.split_seed(seed, n=2)
         a, b = self.concentrations()
-        pi = kumaraswamy_sample(a, b, tf.random.stateless_uniform(tf.shape(a), seed=pi_seed))
+        pi = kumaraswamy_sample(a, b, distribute.stateless_uniform(tf.shape(a), pi_seed))
         return concrete_sample(pi, self.temperature, batch_size, z_seed)
 
     def _training_mask(self, batch_size):

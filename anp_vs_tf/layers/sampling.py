@@ -12,6 +12,8 @@ import zlib
 
 import tensorflow as tf
 
+from anp_vs_tf import distribute
+
 
 class Scope:
     """The settings of one `sampling` block, and the masks it shares."""
@@ -23,11 +25,12 @@ class Scope:
         self.shared = {}
 
     def layer_seed(self, layer):
-        """This layer's stateless seed: the step's seed with the layer's name folded in."""
+        """This layer's stateless seed: the step's seed with the layer's name folded in
+        (`distribute.fold_in`, so the same under XLA)."""
         if self.seed is None:
             return None
         key = zlib.crc32(layer.name.encode()) % (2**31 - 1)
-        return tf.random.experimental.stateless_fold_in(tf.cast(self.seed, tf.int32), key)
+        return distribute.fold_in(tf.cast(self.seed, tf.int32), key)
 
 
 _state = threading.local()

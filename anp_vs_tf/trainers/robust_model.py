@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 from keras.src.saving import serialization_lib
 
+from anp_vs_tf import distribute
 from anp_vs_tf import kernels as kernel_choice
 from anp_vs_tf import precision
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
@@ -208,11 +209,11 @@ class RobustModel(keras.Model):
         Keyed by (seed, optimizer step, stream), so draws are reproducible and a run
         restored from a checkpoint repeats them. Every replica gets the same seed and
         keeps its rows of a global draw (`distribute.replica_rows`), so the draws do
-        not depend on the number of replicas either.
+        not depend on the number of replicas either, nor on XLA (`distribute.fold_in`).
         """
         step = tf.cast(tf.math.floormod(self.optimizer.iterations, 2**31 - 1), tf.int32)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
-        return tf.random.experimental.stateless_fold_in(seed, stream)
+        return distribute.fold_in(seed, stream)
 
     def attack(self, x, y, adversary=None, seed=None):
         """Adversarial examples against the deterministic network, or against the
