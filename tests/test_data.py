@@ -360,6 +360,59 @@ def test_augmentation_crops_padded_image_and_flips_deterministically():
     np.testing.assert_array_equal(np.round(next(iter(plain))[0].numpy() * 255), images)
 
 
+def as_arrays(dataset, steps=None):
+    dataset = dataset if steps is None else dataset.take(steps)
+    return [(images.numpy(), labels.numpy()) for images, labels in dataset]
+
+
+def assert_same_batches(actual, expected):
+    assert len(actual) == len(expected)
+    for (x, y), (x_expected, y_expected) in zip(actual, expected):
+        np.testing.assert_array_equal(y, y_expected)
+        np.testing.assert_array_equal(x, x_expected)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_train_is_the_resumable_stream_one_epoch_per_pass(mnist, tmp_path, augment):
+    mini_mnist(tmp_path / "mnist", mnist, n_train=100)
+    loaded = data.load("mnist", data_dir=tmp_path, batch_size=32, seed=7, augment=augment,
+                       download=False)
+    steps = data.steps_per_epoch(100, 32)
+    next(iter(loaded.train))  # a pass given up early is not an epoch
+    first = as_arrays(loaded.train)
+    assert [len(y) for _, y in first] == [32, 32, 32, 4]
+    assert_same_batches(first, as_arrays(loaded.train_from(0), steps))
+    assert_same_batches(as_arrays(loaded.train), as_arrays(loaded.train_from(steps), steps))
+    (x, _, _), _ = mnist
+    stored = {image.tobytes() for image in x[:100]}
+    moved = sum(np.round(image * 255).astype(np.uint8).tobytes() not in stored
+                for images, _ in first for image in images)
+    assert (moved > 50) if augment else moved == 0
+
+
+def test_fit_on_train_sees_the_streams_epochs(mnist, tmp_path):
+    """Keras opens more iterators than it trains on; the epochs still follow the stream."""
+    import keras
+
+    mini_mnist(tmp_path / "mnist", mnist, n_train=100)
+    loaded = data.load("mnist", data_dir=tmp_path, batch_size=32, seed=7, download=False)
+    seen = []
+
+    class Recorder(keras.Model):
+        def train_step(self, batch):
+            tf.py_function(lambda labels: seen.append(labels.numpy()) or 0, [batch[1]], tf.int32)
+            return {"batches": tf.constant(1.0)}
+
+    inputs = keras.Input((28, 28, 1))
+    model = Recorder(inputs, keras.layers.Flatten()(inputs))
+    model.compile()
+    model.fit(loaded.train, epochs=3, shuffle=False, verbose=0)
+    expected = [y for _, y in as_arrays(loaded.train_from(0), 3 * data.steps_per_epoch(100, 32))]
+    assert len(seen) == len(expected)
+    for labels, labels_expected in zip(seen, expected):
+        np.testing.assert_array_equal(labels, labels_expected)
+
+
 # --- image folders --------------------------------------------------------------------
 
 

@@ -10,13 +10,13 @@ mtimes), so loading the same tree again reads one file.
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
 
 import numpy as np
 import tensorflow as tf
 
 from anp_vs_tf.data.errors import DataError
+from anp_vs_tf.files import atomic_write
 
 SPLITS = ("train", "test")
 CACHE_VERSION = 1  # bump when the cached content changes meaning
@@ -174,19 +174,11 @@ def _read_cache(path):
 
 
 def _write_cache(path, arrays):
-    """Writes atomically (temp file + os.replace) so a reader never sees half a file."""
+    """Writes atomically (`files.atomic_write`) so a reader never sees half a file."""
     images, labels, bad_files = arrays
-    folder = os.path.dirname(path)
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels, bad_files=bad_files)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: np.savez(tmp, images=images, labels=labels, bad_files=bad_files))
     except OSError as e:  # a cache is an optimization: never fail the load over it
         log.warning(
             "cannot write cache file %s (%s); set ANP_VS_CACHE_DIR to a writable folder", path, e
         )
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
