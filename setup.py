@@ -28,15 +28,15 @@ setup(
         # tensorflow-datasets imports it to download and prepare, but does not declare it.
         "importlib-resources>=6",
         "absl-py>=2.0",
-        "cleverhans>=4.0",
         "matplotlib>=3.7",
     ],
     extras_require={
-        # nbclient + ipykernel execute the notebooks in the tests.
+        # nbclient + ipykernel execute the notebooks in the tests; cleverhans' PGD is the
+        # reference tests/test_evaluation.py checks ours against.
         # pytest-xdist runs the tests in two processes: much of a test's time is
         # single-threaded (tracing, starting TensorFlow in a subprocess).
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "scipy>=1.10", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6.29"],
+                 "nbformat>=5.9", "ipykernel>=6.29", "cleverhans>=4.0"],
         # benchmarks/throughput.py compares with the Adversarial Robustness Toolbox.
         "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },

@@ -1,6 +1,6 @@
 """complexity() against hand counts written out independently of the library's code.
 
-Conventions (see anp_vs_tf/metrics/complexity.py): per example; a multiply-add is 2
+Conventions (see anp_vs_tf/metrics/layer_costs.py): per example; a multiply-add is 2
 FLOPs; bias, fused non-linear activation, ReLU: 1 per output element; BN: 2 per
 element and 4 params per channel; max-pool: Kh*Kw per output element.
 """

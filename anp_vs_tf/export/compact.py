@@ -2,7 +2,7 @@
 
 A Beta-Bernoulli model still carries every channel and multiplies each by its mask
 value at inference. `compact` rebuilds the graph from standard layers with only the
-*effective* units (alive and reaching the logits, as `metrics.complexity` decides them),
+*effective* units (alive and reaching the logits, as `metrics.effective_units` decides them),
 so its params and FLOPs are `complexity(model).params_kept` / `flops_kept`.
 
 The folding rule. At inference a mask layer multiplies unit c by m_c = E_q[pi_c] >= 0
@@ -31,7 +31,7 @@ import numpy as np
 
 from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout, beta_bernoulli_layers
 from anp_vs_tf.layers.select_features import SelectFeatures
-from anp_vs_tf.metrics.complexity import _effective_units, _graph
+from anp_vs_tf.metrics.effective_units import effective_units, pruning_graph
 from anp_vs_tf.models.graph import commutes_with_scale, is_linear, producer
 
 L = keras.layers
@@ -51,7 +51,7 @@ def compact(model):
     backbone = getattr(model, "backbone", model)
     if not isinstance(backbone, keras.Model) or not getattr(backbone, "outputs", None):
         raise ValueError(f"compact() needs a functional Keras model or a RobustModel, got {type(model).__name__}.")
-    graph = _graph(backbone)  # raises ValueError for nested models, shared or unknown layers
+    graph = pruning_graph(backbone)  # raises ValueError for nested models, shared or unknown layers
     if len(backbone.inputs) != 1:
         raise ValueError(f"{backbone.name} has {len(backbone.inputs)} inputs; compact() needs one image input.")
     if len(graph.needed_outputs) != 1:
@@ -59,7 +59,7 @@ def compact(model):
             f"{backbone.name} has {len(graph.needed_outputs)} outputs and no 'logits' entry; "
             "compact() needs a single logits output."
         )
-    builder = _Builder(_effective_units(graph, graph.masks))
+    builder = _Builder(effective_units(graph, graph.masks))
     logits, scale = builder.build(graph.needed_outputs[0])
     if scale is not None:
         raise ValueError(f"{backbone.name}: a mask acts on the output itself; there is no layer to fold it into.")

@@ -1,6 +1,6 @@
 """One walk of a functional Keras graph, and the layer rules that walking code shares.
 
-`metrics.complexity`, `export.compact` and `models.folding` all read a backbone as a
+`metrics.effective_units`, `export.compact` and `models.folding` all read a backbone as a
 graph of layer calls. Keras records that graph only in private structures
 (`tensor._keras_history`, `layer._inbound_nodes` / `_outbound_nodes`, `node.operation`,
 `node.input_tensors`, `model._outputs_struct`); this module is the one place that
