@@ -19,8 +19,8 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf import distribute
-from anp_vs_tf.attacks.pgd import cross_entropy_loss
+from anp_vs_tf import seeds
+from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.metrics.vulnerability import example_vulnerability, feature_vulnerability
 
 DEFAULT_RADIUS = 0.3  # the L-infinity budget of the paper's MNIST attacks
@@ -78,7 +78,7 @@ def attack_batch(model, x, y, adversary, seed=0):
 def _gradient_sign(model, x, y):
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(cross_entropy_loss(model.inference_logits(x), y))
+        loss = tf.reduce_sum(cross_entropy(y, model.inference_logits(x)))
     return tf.sign(tape.gradient(loss, x))
 
 
@@ -94,7 +94,7 @@ def _surface_losses(model, x, y, d_adv, d_rand, coefficients, chunk):
         images = x + ab[:, 0, None, None, None] * d_adv + ab[:, 1, None, None, None] * d_rand
         images = tf.clip_by_value(images, 0.0, 1.0)
         labels = tf.fill(tf.shape(ab)[:1], y[0])
-        return cross_entropy_loss(model.inference_logits(images), labels)
+        return cross_entropy(labels, model.inference_logits(images))
 
     chunks = tf.reshape(coefficients, [-1, chunk, 2])
     return tf.reshape(tf.map_fn(chunk_losses, chunks, fn_output_signature=tf.float32), [-1])
@@ -204,7 +204,7 @@ def first_layer_feature_vulnerability(model, dataset, adversary, seed=0):
         x = tf.convert_to_tensor(x, tf.float32)
         batch_sum = _first_layer_sum(
             model, x, tf.convert_to_tensor(y, tf.int32), adversary,
-            distribute.fold_in(_stateless_seed(seed, 3), step),
+            seeds.fold_in(_stateless_seed(seed, 3), step),
         ).numpy()
         total = batch_sum if total is None else total + batch_sum
         count += int(x.shape[0])

@@ -11,6 +11,7 @@ import os
 from typing import Optional, Tuple
 
 from anp_vs_tf.distribute import STRATEGIES
+from anp_vs_tf.errors import ConfigError
 from anp_vs_tf.trainers import method_names, method_switches
 
 # The authors' settings (reference/paper-results.md). step_size is the PGD step in
@@ -35,10 +36,6 @@ DATASET_PRESETS = {
 
 MODES = ("train", "eval", "export", "tune")
 TUNERS = ("random", "bayesian", "hyperband")  # keras-tuner searches for --mode=tune
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line saying what to change."""
 
 
 @dataclasses.dataclass

@@ -1,14 +1,12 @@
 """Running on several devices or machines: the strategy, and randomness that does not
-depend on how many replicas share a batch, nor on whether XLA compiles the step.
+depend on how many replicas share a batch.
 
 Keras and `tf.distribute` do the distribution: variables are created under the
 strategy's scope, `fit` splits each global batch across the replicas and all-reduces
 the gradients. What this module adds is `replica_rows`: a random draw for a batch is
 made for the whole global batch and each replica keeps its own rows, so a run on two
-replicas sees the same noise as a run on one device with the same seed. And the
-stateless draws of the package's training and attack steps (`stateless_uniform`,
-`fold_in`, `split`): the same numbers with and without XLA (`jit_compile=True`, Keras'
-default on GPUs), and bit for bit the draws of TensorFlow's own CPU kernels.
+replicas sees the same noise as a run on one device with the same seed (the seeds
+themselves are `anp_vs_tf.seeds`).
 """
 
 import json
@@ -17,14 +15,6 @@ import os
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-
-# The Philox algorithm, named: with "auto_select" (the default of every
-# tf.random.stateless_* op) XLA zero-extends a negative int32 seed word where
-# TensorFlow's kernels sign-extend it, so half of all derived seeds gave another
-# stream under XLA. With "philox" the key and counter are scrambled by graph ops, the
-# same in both compilers, and on a CPU (or GPU) it is the stream "auto_select" picks.
-ALG = "philox"
-
 
 def make_strategy(name="default", devices=None):
     """The tf.distribute strategy called `name`.
@@ -103,48 +93,13 @@ def replica_rows(sample, rows):
     return everything[start:start + rows]
 
 
-# -- stateless draws that XLA makes alike --------------------------------------------
+def step_logs_for_keras(logs):
+    """The step's logs as Keras reduces them across replicas.
 
-
-def stateless_uniform(shape, seed, minval=0.0, maxval=1.0, dtype=tf.float32):
-    """`tf.random.stateless_uniform(shape, seed, minval, maxval)` (float32), the same under XLA.
-
-    Bit for bit the draw of TensorFlow's kernel without XLA, on any seed: the Philox
-    words (`ALG`, so a negative seed word is read alike) are made into floats in
-    [0, 1) as that kernel does, of the LOW 23 bits (XLA's own op takes the high 23,
-    another draw altogether), then scaled as `tf.random.stateless_uniform` does:
-    u * (maxval - minval) + minval in float32, two roundings. XLA's CPU backend
-    contracts a multiply-add into one fused multiply-add, one rounding (1 ulp off for
-    about half the draws unless maxval - minval is a power of two), so the product is
-    multiplied by a 1.0 XLA cannot fold away: the multiply-add XLA may fuse is then
-    (u * (maxval - minval)) * 1 + minval, exact in its product, fused or not.
-
-    Gaussian draws (`tf.random.stateless_normal`) are not reproduced: TensorFlow's
-    kernel makes them by Box-Muller with the C library's logf and sincosf, which
-    TensorFlow's (Eigen's) and XLA's log, sin and cos do not match to the bit, so an
-    XLA step still draws other Gaussian noise (PGD's Gaussian and L2 starts, the
-    Bayesian layers' weights).
+    Under MultiWorkerMirroredStrategy Keras averages each logged value over the
+    replicas along axis 0, which a scalar does not have (keras-team/keras#20585):
+    there, every value goes out as a vector of one.
     """
-    if tf.as_dtype(dtype) != tf.float32:
-        raise ValueError(f"stateless_uniform draws float32 only, got dtype {dtype}.")
-    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg=ALG)
-    mantissa = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFF, tf.uint32))
-    one_to_two = tf.bitcast(tf.bitwise.bitwise_or(mantissa, tf.constant(0x3F800000, tf.uint32)), tf.float32)
-    unit = one_to_two - 1.0
-    minval = tf.convert_to_tensor(minval, tf.float32)
-    maxval = tf.convert_to_tensor(maxval, tf.float32)
-    one = 0.0 * unit + 1.0  # exactly 1, but not a constant XLA can fold away
-    return unit * (maxval - minval) * one + minval
-
-
-def fold_in(seed, data):
-    """`tf.random.experimental.stateless_fold_in` with `ALG`: the same seed under XLA,
-    also from a seed with a negative word (bit for bit the default's on a CPU)."""
-    return tf.random.experimental.stateless_fold_in(seed, data, alg=ALG)
-
-
-def split(seed, n=2):
-    """`tf.random.experimental.stateless_split(seed, n)` with `ALG`, shape [n, 2]: the same
-    seeds under XLA (bit for bit the default's on a CPU, and `tfp.random.split_seed`'s
-    for an int32 seed, stacked)."""
-    return tf.random.experimental.stateless_split(seed, n, alg=ALG)
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs

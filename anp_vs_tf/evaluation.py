@@ -10,15 +10,8 @@ from anp_vs_tf.attacks import TransferAttack, fgsm
 from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.metrics.gradient_masking import gradient_masking_checks
 from anp_vs_tf.metrics.robustness import attack_evaluation
-from anp_vs_tf.models import graph
-from anp_vs_tf.models.backbone import split_outputs
+from anp_vs_tf.models.backbone import latent_names
 from anp_vs_tf.precision import float32_copy
-
-
-def latent_names(backbone):
-    """Names of the layers whose outputs are the backbone's latent features."""
-    _, latents = split_outputs(backbone.output)
-    return [graph.producer(z).layer.name for z in latents]
 
 
 def attack_settings(adversary):

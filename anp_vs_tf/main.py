@@ -12,7 +12,8 @@ import sys
 from absl import app, flags, logging
 
 from anp_vs_tf import experiment
-from anp_vs_tf.config import DATASET_PRESETS, MODES, TUNERS, ConfigError, RunConfig
+from anp_vs_tf.config import DATASET_PRESETS, MODES, TUNERS, RunConfig
+from anp_vs_tf.errors import ConfigError, Interrupted, SearchFailed
 from anp_vs_tf.checkpointing import TrainingDiverged
 from anp_vs_tf.data import DataError
 from anp_vs_tf.distribute import STRATEGIES
@@ -111,11 +112,11 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         experiment.run(config_from_flags())
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, SearchFailed) as error:
         _fail(str(error))
     except TrainingDiverged as error:
         _fail(str(error), status=3)
-    except experiment.Interrupted as error:
+    except Interrupted as error:
         print(f"anp_vs_tf: {error}", file=sys.stderr)
         sys.exit(143)
 

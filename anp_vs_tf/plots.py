@@ -130,7 +130,7 @@ def write_run_plots(model, dataset, adversary, out_dir, metrics=None, num_salien
     """
     # The model's analyses need TensorFlow; the plot_* functions above do not.
     from anp_vs_tf import analysis
-    from anp_vs_tf.evaluation import latent_names
+    from anp_vs_tf.models.backbone import latent_names
 
     plots = pathlib.Path(out_dir) / "plots"
     x, y = next(iter(dataset))

@@ -15,6 +15,8 @@ import numbers
 import os
 import sys
 
+from anp_vs_tf.files import atomic_write, write_text
+
 PROG = "anp_vs_tf.report"
 
 # (title, metrics key, Markdown format). Accuracies are stored as fractions and shown as percentages.
@@ -154,26 +156,6 @@ def first_layer_series(rows):
     return series, skipped
 
 
-def _atomic_write(path, write):
-    """Write via a temporary file in the same folder and rename it, so readers never see half a file."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}")  # keeps the extension
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    _atomic_write(path, write)
-
-
 def plot_first_layer(rows, folder):
     """The paper's figure of input-layer feature vulnerability: returns the PNG path, or None."""
     series, skipped = first_layer_series(rows)
@@ -188,7 +170,7 @@ def plot_first_layer(rows, folder):
 
     path = os.path.join(folder, PLOT_NAME)
     # No suptitle: plots.py's overlaps the two-line panel titles; the panels and file name say enough.
-    _atomic_write(path, lambda tmp: plots.plot_vulnerability_histograms(series, tmp))
+    atomic_write(path, lambda tmp: plots.plot_vulnerability_histograms(series, tmp))
     return path
 
 
@@ -217,10 +199,10 @@ def main(argv=None):
         report = "\n".join([format_table(rows)] + mix_notes(rows)) + "\n"
         print(report, end="")
         if args.markdown:
-            _write_text(args.markdown, report)
+            write_text(args.markdown, report)
             print(f"Wrote {args.markdown}")
         if args.csv:
-            _write_text(args.csv, to_csv(rows))
+            write_text(args.csv, to_csv(rows))
             print(f"Wrote {args.csv}")
         if args.plots:
             path = plot_first_layer(rows, args.plots)

@@ -18,8 +18,10 @@ import keras
 import keras_tuner
 import tensorflow as tf
 
-from anp_vs_tf import attacks, experiment
+from anp_vs_tf import attacks, building, data
+from anp_vs_tf.errors import SearchFailed
 from anp_vs_tf.config import RunConfig
+from anp_vs_tf.files import atomic_write, write_text
 from anp_vs_tf.trainers import method_switches
 
 OBJECTIVE = keras_tuner.Objective("val_score", direction="max")
@@ -78,14 +80,18 @@ class AnpVsHyperModel(keras_tuner.HyperModel):
 
     def build(self, hp):
         config = self.trial_config(hp)
-        model = experiment.build(config, self.splits.info, init_from=config.init_from)
+        model = building.build(config, self.splits.info, init_from=config.init_from)
         # Validation measures robustness with the run's training attack (the tuning budget).
         model.set_eval_adversary(attacks.PGD(config.eps, config.step_size, config.pgd_steps))
         return model
 
     def fit(self, hp, model, *args, callbacks=None, epochs=None, initial_epoch=0, **kwargs):
+        # Every trial trains on the run's own stream from its first epoch on (Hyperband's
+        # later brackets from `initial_epoch`), the batches `--mode=train` would see.
+        steps = data.steps_per_epoch(self.splits.info.num_train, self.config.batch_size)
         return model.fit(
-            self.splits.train, validation_data=self.splits.validation,
+            self.splits.train_from(initial_epoch * steps), steps_per_epoch=steps,
+            validation_data=self.splits.validation,
             epochs=self.config.epochs if epochs is None else epochs, initial_epoch=initial_epoch,
             callbacks=[SparsityConstrainedScore(self.config.min_sparsity), *(callbacks or [])],
             verbose=self.config.verbose,
@@ -122,12 +128,14 @@ def trial_rows(tuner, method):
 
 def write_csv(rows, path):
     fields = list(rows[0]) if rows else ["trial_id", "status"]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 _NOT_FLAGS_OF_A_RUN = ("overwrite", "tuner", "max_trials", "min_sparsity")
@@ -157,8 +165,7 @@ def write_best_flagfile(config, best_values, path):
     lines = flag_lines(config, mode="train", out_dir=out_dir, validation_examples=0, **best_values)
     header = f"# Best of the {config.tuner} search in {config.out_dir} (validation robust accuracy"
     header += f", sparsity >= {config.min_sparsity}%).\n"
-    with open(path, "w") as f:
-        f.write(header + "\n".join(lines) + "\n")
+    write_text(path, header + "\n".join(lines) + "\n")
 
 
 def run_tune(config, splits, out_dir):
@@ -172,7 +179,7 @@ def run_tune(config, splits, out_dir):
     except RuntimeError as error:  # keras-tuner gives up after every trial in a row failed
         rows = trial_rows(tuner, config.method)
         write_csv(rows, os.path.join(out_dir, "tuning.csv"))
-        raise experiment.ConfigError(
+        raise SearchFailed(
             f"every trial failed ({str(error).strip().splitlines()[0]}); see "
             f"{os.path.join(out_dir, 'tuning.csv')} and the trials in {os.path.join(out_dir, 'tuner')}."
         ) from None

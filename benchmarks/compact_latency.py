@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from anp_vs_tf import attacks, models
-from anp_vs_tf.experiment import load_robust_model
+from anp_vs_tf.trainers import load_robust_model
 from anp_vs_tf.export import SIGNATURE, export
 from anp_vs_tf.metrics import complexity
 from anp_vs_tf.trainers import RobustModel, get_method

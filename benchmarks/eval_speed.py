@@ -16,7 +16,7 @@ import time
 import keras
 
 from anp_vs_tf import attacks, data, models
-from anp_vs_tf.experiment import load_robust_model
+from anp_vs_tf.trainers import load_robust_model
 from anp_vs_tf.metrics import attack_evaluation
 from anp_vs_tf.trainers import RobustModel, get_method
 

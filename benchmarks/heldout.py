@@ -22,7 +22,7 @@ import time
 import keras
 import tensorflow as tf
 
-from anp_vs_tf import data, experiment
+from anp_vs_tf import building, data
 from anp_vs_tf.metrics import attack_evaluation
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,12 +72,12 @@ def main(argv=None):
     splits = data.load(args.dataset, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                        validation_examples=args.heldout, train_subset=args.train_subset, seed=config.seed)
     keras.utils.set_random_seed(config.seed)
-    model = experiment.build(config, splits.info, init_from=args.init_from)
+    model = building.build(config, splits.info, init_from=args.init_from)
     start = time.time()
     model.fit(splits.train, epochs=config.epochs, verbose=2)
     os.makedirs(args.out_dir, exist_ok=True)
     model.save(os.path.join(args.out_dir, "model.keras"))
-    result = attack_evaluation(model, splits.validation, experiment.eval_attack(config))
+    result = attack_evaluation(model, splits.validation, building.eval_attack(config))
     result.pop("feature_vulnerability", None)
     result.update(
         sparsity=float(model.sparsity()) if hasattr(model, "sparsity") else 0.0,

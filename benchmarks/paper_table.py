@@ -41,7 +41,7 @@ import time
 
 import keras
 
-from anp_vs_tf import attacks, data, experiment, report
+from anp_vs_tf import attacks, building, data, experiment, report
 from anp_vs_tf.config import RunConfig
 from anp_vs_tf.metrics import attack_evaluation
 
@@ -91,7 +91,7 @@ def calibrate(base, splits, steps=20, warmup=3):
     per_epoch = {}
     batches = math.ceil(splits.info.num_train / base.batch_size)
     for name in METHODS:
-        model = experiment.build(dataclasses.replace(base, method=name), splits.info, epochs=1)
+        model = building.build(dataclasses.replace(base, method=name), splits.info, epochs=1)
         timer = _StepTimes()
         model.fit(splits.train.repeat(), steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[timer])
         per_epoch[name] = timer.median_step(skip=warmup) * batches

@@ -5,11 +5,12 @@ import pytest
 import tensorflow as tf
 
 from anp_vs_tf import kernels
-from anp_vs_tf.attacks import PGD, cross_entropy_loss, fgsm
+from anp_vs_tf.attacks import PGD, fgsm
+from anp_vs_tf.losses import cross_entropy
 
 
 def per_example_loss(model, x, y):
-    return cross_entropy_loss(model.inference_logits(tf.constant(x)), tf.constant(y)).numpy()
+    return cross_entropy(tf.constant(y), model.inference_logits(tf.constant(x))).numpy()
 
 
 @pytest.mark.parametrize("norm,eps,step", [("linf", 0.3, 0.05), ("l2", 2.0, 0.5)])
@@ -89,7 +90,7 @@ def test_fgsm_matches_a_hand_computed_signed_gradient_step(trained_lenet, mnist_
     x, y = tf.constant(x[:64]), tf.constant(y[:64])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(cross_entropy_loss(trained_lenet.inference_logits(x), y))
+        loss = tf.reduce_sum(cross_entropy(y, trained_lenet.inference_logits(x)))
     expected = tf.clip_by_value(x + 0.2 * tf.sign(tape.gradient(loss, x)), 0.0, 1.0)
     np.testing.assert_allclose(fgsm(0.2)(trained_lenet.inference_logits, x, y).numpy(), expected.numpy())
 

@@ -61,7 +61,7 @@ def test_eot_averages_the_gradient_over_stochastic_calls():
         sign = tf.where(tf.equal(tf.math.floormod(calls, 2.0), 1.0), 1.0, -3.0)
         return sign * tf.matmul(tf.reshape(x, (-1, 16)), kernel)
 
-    def first_logit(logits, y):  # linear in the logits, so the gradients simply add up
+    def first_logit(y, logits):  # linear in the logits, so the gradients simply add up
         return logits[:, 0]
 
     x, y = tf.fill((4, 4, 4, 1), 0.5), tf.constant([0, 1, 2, 0])

@@ -30,7 +30,7 @@ def heldout(monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(module.data, "load", load)
-    monkeypatch.setattr(module.experiment, "build", build)
+    monkeypatch.setattr(module.building, "build", build)
     module.seen = seen
     return module
 

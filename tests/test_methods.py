@@ -156,7 +156,7 @@ def test_at_bnn_predicts_with_sampled_weights_and_a_positive_kl(mnist_subset):
 
 
 def test_pre_at_starts_from_the_pretrained_weights(trained_lenet, tmp_path):
-    from anp_vs_tf import experiment
+    from anp_vs_tf import building
     from anp_vs_tf.config import ConfigError, RunConfig
     from anp_vs_tf.data import DataInfo
 
@@ -165,7 +165,7 @@ def test_pre_at_starts_from_the_pretrained_weights(trained_lenet, tmp_path):
     info = DataInfo(name="mnist", input_shape=(28, 28, 1), num_classes=10, class_names=tuple("0123456789"),
                     num_train=6000, num_test=1000, num_validation=0, source="test")
     config = RunConfig(method="pre_at", init_from=str(path), pgd_steps=3, step_size=0.1).resolved()
-    model = experiment.build(config, info, init_from=config.init_from)
+    model = building.build(config, info, init_from=config.init_from)
     assert model.method.name == "pre_at" and model.method.adversarial
     for a, b in zip(trained_lenet.backbone.weights, model.backbone.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())

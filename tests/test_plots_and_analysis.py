@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 from anp_vs_tf import analysis, attacks, models, plots
-from anp_vs_tf.attacks import cross_entropy_loss
-from anp_vs_tf.evaluation import latent_names
+from anp_vs_tf.losses import cross_entropy
+from anp_vs_tf.models.backbone import latent_names
 from anp_vs_tf.trainers import RobustModel, get_method
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -39,7 +39,7 @@ def pruned_lenet(mnist_subset):
 
 
 def clean_loss(model, x, y):
-    return cross_entropy_loss(model.inference_logits(x[None]), [y]).numpy()[0]
+    return cross_entropy([y], model.inference_logits(x[None])).numpy()[0]
 
 
 def assert_png(path):
@@ -69,7 +69,7 @@ def test_adversarial_axis_is_the_signed_input_gradient(trained_lenet, mnist_subs
     image = tf.constant(x[1][None])
     with tf.GradientTape() as tape:
         tape.watch(image)
-        loss = cross_entropy_loss(trained_lenet.inference_logits(image), [y[1]])
+        loss = cross_entropy([y[1]], trained_lenet.inference_logits(image))
     direction = tf.sign(tape.gradient(loss, image))
     for i, alpha in enumerate(surface["alphas"]):
         moved = tf.clip_by_value(image + alpha * direction, 0.0, 1.0)[0].numpy()

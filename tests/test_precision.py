@@ -10,7 +10,7 @@ from anp_vs_tf.config import RunConfig
 from anp_vs_tf.export import export
 from anp_vs_tf.layers import BetaBernoulliDropout
 from anp_vs_tf.metrics.robustness import attack_evaluation
-from anp_vs_tf.trainers import RobustModel, get_method
+from anp_vs_tf.trainers import RobustModel, get_method, load_robust_model
 
 
 def robust_lenet(method_name, policy, seed=0, num_train_examples=6000):
@@ -113,7 +113,7 @@ def test_run_flag_builds_mixed_and_measures_and_exports_float32(data_dir, tmp_pa
                        test_subset=100, epochs=1, pgd_steps=2, eval_pgd_steps=2, fgsm=False,
                        sanity_examples=0, plots=False, verbose=0, mixed_precision=True)
     experiment.run(config)
-    saved = experiment.load_robust_model(str(tmp_path / "run" / "model.keras"))
+    saved = load_robust_model(str(tmp_path / "run" / "model.keras"))
     assert "bfloat16" in precision.compute_dtypes(saved)
     assert measured and all(dtypes == {"float32"} for dtypes in measured)
     assert keras.config.dtype_policy().name == "float32"

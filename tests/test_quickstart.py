@@ -138,7 +138,7 @@ def test_quickstart_shortened_end_to_end(tmp_path, data_dir):
     import tensorflow as tf
 
     from anp_vs_tf.data import load_arrays
-    from anp_vs_tf.experiment import load_robust_model
+    from anp_vs_tf.trainers import load_robust_model
 
     images, labels, _ = load_arrays("mnist", "test", data_dir=data_dir, download=False)
     x, y = images[:64].astype("float32") / 255.0, np.asarray(labels[:64])

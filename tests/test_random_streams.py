@@ -1,4 +1,4 @@
-"""The package's stateless draws (`distribute.stateless_uniform`, `fold_in`, `split`) are
+"""The package's stateless draws (`seeds.stateless_uniform`, `fold_in`, `split`) are
 bit for bit TensorFlow's without XLA, and the same numbers under XLA.
 
 (a) Without XLA, eagerly and in a `tf.function`: each helper against the TensorFlow or
@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from anp_vs_tf import attacks, distribute, models
+from anp_vs_tf import attacks, models, seeds
 from anp_vs_tf.attacks.pgd import _per_example_l2
 from anp_vs_tf.layers.sampling import Scope
 from anp_vs_tf.layers.beta_bernoulli import (_PI_EPS, BetaBernoulliDropout, concrete_sample,
@@ -70,7 +70,7 @@ def test_stateless_uniform_is_tensorflows_draw_bit_for_bit(shape):
         @tf.function
         def draws(seed):
             return (_old_uniform(shape, seed, minval, maxval),
-                    distribute.stateless_uniform(shape, seed, minval, maxval))
+                    seeds.stateless_uniform(shape, seed, minval, maxval))
 
         for words in SEEDS if size < 10**5 else SEEDS[:8]:
             old, new = draws(_seed(words))
@@ -78,44 +78,44 @@ def test_stateless_uniform_is_tensorflows_draw_bit_for_bit(shape):
             np.testing.assert_array_equal(new.numpy(), old.numpy(), err_msg=f"{words} {minval} {maxval}")
             if size < 10**5 and words in EDGE_SEEDS:  # eagerly too
                 np.testing.assert_array_equal(
-                    distribute.stateless_uniform(shape, _seed(words), minval, maxval).numpy(), old.numpy())
+                    seeds.stateless_uniform(shape, _seed(words), minval, maxval).numpy(), old.numpy())
             assert np.all((np.float32(minval) <= new.numpy()) & (new.numpy() <= np.float32(maxval)))
 
 
 def test_stateless_uniform_defaults_dynamic_shapes_and_dtypes():
     seed = _seed([-12, 34])
-    np.testing.assert_array_equal(distribute.stateless_uniform([9], seed).numpy(),
+    np.testing.assert_array_equal(seeds.stateless_uniform([9], seed).numpy(),
                                   tf.random.stateless_uniform([9], seed).numpy())
     # A shape tensor, as the package passes it (tf.concat of tf.shape parts).
     shape = tf.concat([[4], tf.shape(tf.zeros([3, 2]))], 0)
-    np.testing.assert_array_equal(distribute.stateless_uniform(shape, seed, -2.0, 2.0).numpy(),
+    np.testing.assert_array_equal(seeds.stateless_uniform(shape, seed, -2.0, 2.0).numpy(),
                                   tf.random.stateless_uniform(shape, seed, -2.0, 2.0).numpy())
     # An int64 seed and tensor bounds.
     seed64 = tf.constant([-3, 2**40], tf.int64)
     lo, hi = tf.constant(-0.25), tf.constant(0.5)
-    np.testing.assert_array_equal(distribute.stateless_uniform([17], seed64, lo, hi).numpy(),
+    np.testing.assert_array_equal(seeds.stateless_uniform([17], seed64, lo, hi).numpy(),
                                   tf.random.stateless_uniform([17], seed64, lo, hi).numpy())
     with pytest.raises(ValueError, match="float32"):
-        distribute.stateless_uniform([2], seed, dtype=tf.float64)
+        seeds.stateless_uniform([2], seed, dtype=tf.float64)
 
 
 def test_fold_in_and_split_are_tensorflows_seeds_bit_for_bit():
     @tf.function
-    def seeds(seed, data):
-        return (tf.random.experimental.stateless_fold_in(seed, data), distribute.fold_in(seed, data),
+    def draws(seed, data):
+        return (tf.random.experimental.stateless_fold_in(seed, data), seeds.fold_in(seed, data),
                 [tf.random.experimental.stateless_split(seed, n) for n in (1, 2, 3, 5)],
-                [distribute.split(seed, n) for n in (1, 2, 3, 5)],
+                [seeds.split(seed, n) for n in (1, 2, 3, 5)],
                 tf.stack(tfp.random.split_seed(seed, n=2)))
 
     for words in SEEDS:
         for data in (0, 1, 3, 7, 2**31 - 1, zlib.crc32(b"conv1_mask") % (2**31 - 1)):
-            old_fold, new_fold, old_splits, new_splits, tfp_split = seeds(_seed(words), tf.constant(data))
+            old_fold, new_fold, old_splits, new_splits, tfp_split = draws(_seed(words), tf.constant(data))
             np.testing.assert_array_equal(new_fold.numpy(), old_fold.numpy())
             for old, new in zip(old_splits, new_splits):
                 np.testing.assert_array_equal(new.numpy(), old.numpy())
             np.testing.assert_array_equal(new_splits[1].numpy(), tfp_split.numpy())  # the masks' old split
-    assert distribute.fold_in(_seed([1, 2]), 5).dtype == tf.int32
-    assert distribute.split(_seed([1, 2]), 4).shape == (4, 2)
+    assert seeds.fold_in(_seed([1, 2]), 5).dtype == tf.int32
+    assert seeds.split(_seed([1, 2]), 4).shape == (4, 2)
 
 
 def test_tfp_logistic_draws_tensorflows_uniform_of_the_same_seed():
@@ -254,10 +254,10 @@ def test_pgd_random_start_is_unchanged_bit_for_bit(norm, eps, images):
 
 def test_helpers_under_xla_give_the_same_values_bit_for_bit():
     def draws(seed):
-        return ([distribute.stateless_uniform([5, 7, 3], seed, lo, hi) for lo, hi in RANGES]
-                + [distribute.stateless_uniform([], seed), distribute.stateless_uniform([4099], seed, -0.1, 0.2)]
-                + [distribute.fold_in(seed, data) for data in (0, 7, 2**31 - 1)]
-                + [distribute.split(seed, n) for n in (1, 2, 5)])
+        return ([seeds.stateless_uniform([5, 7, 3], seed, lo, hi) for lo, hi in RANGES]
+                + [seeds.stateless_uniform([], seed), seeds.stateless_uniform([4099], seed, -0.1, 0.2)]
+                + [seeds.fold_in(seed, data) for data in (0, 7, 2**31 - 1)]
+                + [seeds.split(seed, n) for n in (1, 2, 5)])
 
     both = _with_and_without_xla(draws)
     for words in SEEDS:
@@ -294,7 +294,7 @@ def test_pgd_uniform_random_start_under_xla_is_the_same_to_one_ulp(norm, eps, im
 
 def test_pgd_l2_random_start_under_xla_differs_only_by_its_gaussian_direction(images):
     """The L2 start's radius is a helper draw, its direction a Gaussian one, which XLA
-    still draws otherwise (see distribute.stateless_uniform): the per-example norms agree."""
+    still draws otherwise (see seeds.stateless_uniform): the per-example norms agree."""
     pgd = attacks.PGD(1.5, 0.3, 0, norm="l2", clip_min=-10.0, clip_max=10.0)  # no clipping: the norm is the radius
     y = tf.zeros([16], tf.int32)
     graph, xla = _with_and_without_xla(lambda seed: pgd(_logits, images, y, seed) - images)(_seed([-5, 8]))

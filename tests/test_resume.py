@@ -11,7 +11,7 @@ import time
 
 import keras
 
-import anp_vs_tf  # noqa: F401  (registers the classes the saved models use)
+import anp_vs_tf.trainers  # noqa: F401  (registers the classes the saved models use)
 import numpy as np
 import pytest
 
@@ -125,7 +125,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_what_was_saved(
         first_nan_batch, stops, checkpoints_left, tmp_path, data_dir):
     import tensorflow as tf
 
-    from anp_vs_tf import checkpointing, data, experiment
+    from anp_vs_tf import building, checkpointing, data, experiment
     from anp_vs_tf.config import RunConfig
 
     config = RunConfig(method="at", epochs=3, train_subset=3000, test_subset=100, batch_size=100,
@@ -140,14 +140,14 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_what_was_saved(
 
         return splits.train_from(step).enumerate(start=step).map(maybe_nan)
 
-    model = experiment.build(config, splits.info)
+    model = building.build(config, splits.info)
     with pytest.raises(checkpointing.TrainingDiverged) as error:
         experiment.fit(model, splits._replace(train_from=poisoned), 3, 100, str(tmp_path), verbose=0)
     message = str(error.value)
     assert any(stop in message for stop in stops) and "last good checkpoint" in message, message
     assert ("ckpt-30" in message) == bool(checkpoints_left), message
     assert [p.stem for p in checkpoints(tmp_path)] == checkpoints_left
-    restored = experiment.build(config, splits.info)
+    restored = building.build(config, splits.info)
     if checkpoints_left:  # what was saved is intact and finite
         assert checkpointing.TrainingState(restored, str(tmp_path / "checkpoints")).restore() == 30
         assert all(np.all(np.isfinite(v.numpy())) for v in restored.weights)
@@ -155,7 +155,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_what_was_saved(
 
 def test_a_run_started_before_a_setting_existed_still_resumes(tmp_path):
     from anp_vs_tf.config import ConfigError, RunConfig
-    from anp_vs_tf.experiment import check_out_dir, prepare_out_dir
+    from anp_vs_tf.run_dir import check_out_dir, prepare_out_dir
 
     config = RunConfig(out_dir=str(tmp_path / "run")).resolved()
     prepare_out_dir(config)

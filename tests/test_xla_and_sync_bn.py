@@ -23,7 +23,7 @@ with TensorFlow's own ops (TensorFlow 2.21, CPU):
 
 So the package draws PGD's uniform random start and the masks' noise (the Kumaraswamy
 draw of pi, the Logistic noise of the relaxed Bernoulli, their per-layer seeds) with
-`distribute.stateless_uniform`, `fold_in` and `split`: alg="philox" and TensorFlow's
+`seeds.stateless_uniform`, `fold_in` and `split`: alg="philox" and TensorFlow's
 float mapping done by graph ops, bit for bit the draws of before without XLA and the
 same numbers under XLA (tests/test_random_streams.py). With TensorFlow's random ops
 untouched, what is compared:
@@ -37,7 +37,7 @@ untouched, what is compared:
   random start.
 
 Not compared: PGD's Gaussian (TRADES) and L2 starts, whose Gaussian draws still differ
-under XLA (see `distribute.stateless_uniform`).
+under XLA (see `seeds.stateless_uniform`).
 
 Synchronized batch norm under MirroredStrategy
 ----------------------------------------------
@@ -108,7 +108,7 @@ def test_xla_draws_the_same_philox_bits_but_other_floats():
     compilers make the same Philox bits (and derived seeds), but TensorFlow maps the low
     23 bits of a word to a float in [0, 1) and XLA the high 23 bits.
 
-    If TensorFlow ever maps them alike, this test fails, and `distribute.stateless_uniform`
+    If TensorFlow ever maps them alike, this test fails, and `seeds.stateless_uniform`
     would no longer need to map the bits itself.
     """
     (bits, floats, folded), (bits_xla, floats_xla, folded_xla) = _with_and_without_xla(
@@ -226,7 +226,7 @@ def test_xla_adversarial_training_step_matches_without_random_start(pgd, mnist_b
 
 def test_xla_adversarial_training_step_with_random_start_matches(mnist_batch):
     """AT with the default PGD (random start) and TensorFlow's random ops as they are: the
-    same random start under XLA, because the package draws it with `distribute.stateless_uniform`."""
+    same random start under XLA, because the package draws it with `seeds.stateless_uniform`."""
     x, y = mnist_batch
     _assert_same_step(_train_with_and_without_xla("at", _pgd(PGDS["default"]), x, y), "at")
 

@@ -9,17 +9,11 @@ int32 tensor) for the random start, so a run is reproducible step by step.
 import keras
 import tensorflow as tf
 
-from anp_vs_tf import distribute, kernels
+from anp_vs_tf import kernels, seeds
+from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.distribute import replica_rows
 
 NORMS = ("linf", "l2")
-
-
-def cross_entropy_loss(logits, labels):
-    """Per-example cross-entropy: the default objective the attack maximizes."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
-    )
 
 
 def _per_example_l2(v):
@@ -41,7 +35,7 @@ class PGD:
             starts 0.001 away from x, where its KL objective has a nonzero gradient).
         restarts: independent runs; each example keeps the run with the highest loss.
         clip_min, clip_max: the valid input range, enforced after every step.
-        loss_fn: `loss_fn(logits, y) -> per-example loss` to maximize; cross-entropy
+        loss_fn: `loss_fn(y, logits) -> per-example loss` to maximize; cross-entropy
             with integer labels by default. y is split with the images (see chunks), so
             per-example targets come in y, not in a closure: TRADES passes its clean
             predictions as y to a KL.
@@ -102,7 +96,7 @@ class PGD:
         self.restarts = int(restarts)
         self.clip_min = float(clip_min)
         self.clip_max = float(clip_max)
-        self.loss_fn = loss_fn or cross_entropy_loss
+        self.loss_fn = loss_fn or cross_entropy
         self.eot_samples = int(eot_samples)
         self.chunks = chunks if chunks == "auto" else int(chunks)
 
@@ -127,7 +121,7 @@ class PGD:
     def _random_start(self, x, seed):
         # Each example's start is its row of a draw for the global batch, whatever the
         # number of replicas (see distribute.replica_rows). Uniform draws and seeds come
-        # from `distribute`, so they are the same under XLA; Gaussian ones are not.
+        # from `seeds`, so they are the same under XLA; Gaussian ones are not.
         rows, example = tf.shape(x)[0], tf.shape(x)[1:]
 
         def draw(sample):
@@ -137,14 +131,14 @@ class PGD:
             noise = draw(lambda shape: tf.random.stateless_normal(shape, seed, stddev=self.random_start))
             return self.project(x + tf.cast(noise, x.dtype), x)
         if self.norm == "linf":
-            delta = draw(lambda shape: distribute.stateless_uniform(shape, seed, -self.eps, self.eps))
+            delta = draw(lambda shape: seeds.stateless_uniform(shape, seed, -self.eps, self.eps))
         else:
             # Uniform in the L2 ball: a uniform direction times radius eps * u^(1/d).
-            direction_seed, radius_seed = tf.unstack(distribute.split(seed, 2))
+            direction_seed, radius_seed = tf.unstack(seeds.split(seed, 2))
             direction = draw(lambda shape: tf.random.stateless_normal(shape, direction_seed))
             direction = direction / _per_example_l2(direction)
             dims = tf.cast(tf.reduce_prod(example), tf.float32)
-            u = draw(lambda shape: distribute.stateless_uniform(
+            u = draw(lambda shape: seeds.stateless_uniform(
                 tf.concat([shape[:1], tf.ones_like(shape[1:])], 0), radius_seed))
             delta = direction * self.eps * tf.pow(u, 1.0 / dims)
         return self.project(x + tf.cast(delta, x.dtype), x)
@@ -176,7 +170,7 @@ class PGD:
     def _tape_gradient(self, logits_fn, x_adv, y):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
-            total = tf.reduce_sum(self.loss_fn(logits_fn(x_adv), y))
+            total = tf.reduce_sum(self.loss_fn(y, logits_fn(x_adv)))
         return tape.gradient(total, x_adv)
 
     def _expected_gradient(self, logits_fn, x_adv, y):
@@ -242,12 +236,12 @@ class PGD:
     def _attack(self, logits_fn, x, y, seed):
         if self.restarts == 1:
             return self._single_run(logits_fn, x, y, seed)
-        seeds = distribute.split(seed, self.restarts)
-        best = self._single_run(logits_fn, x, y, seeds[0])
-        best_loss = self.loss_fn(logits_fn(best), y)
+        restart_seeds = seeds.split(seed, self.restarts)
+        best = self._single_run(logits_fn, x, y, restart_seeds[0])
+        best_loss = self.loss_fn(y, logits_fn(best))
         for r in range(1, self.restarts):  # a handful of restarts, each a compiled loop
-            candidate = self._single_run(logits_fn, x, y, seeds[r])
-            loss = self.loss_fn(logits_fn(candidate), y)
+            candidate = self._single_run(logits_fn, x, y, restart_seeds[r])
+            loss = self.loss_fn(y, logits_fn(candidate))
             better = tf.reshape(loss > best_loss, [-1] + [1] * (len(x.shape) - 1))
             best = tf.where(better, candidate, best)
             best_loss = tf.maximum(loss, best_loss)
@@ -272,7 +266,7 @@ class PGD:
         return PGD(**{**self._settings(), "loss_fn": self.loss_fn, **changes})
 
     def get_config(self):
-        if self.loss_fn is not cross_entropy_loss:
+        if self.loss_fn is not cross_entropy:
             raise ValueError("a PGD with a custom loss_fn is not serializable; rebuild it in code.")
         return self._settings()
 
@@ -281,6 +275,9 @@ class PGD:
         return cls(**config)
 
 
-def fgsm(eps, clip_min=0.0, clip_max=1.0):
-    """FGSM (Goodfellow et al., 2015): a single signed-gradient step of size eps from x."""
-    return PGD(eps, eps, 1, norm="linf", random_start=False, clip_min=clip_min, clip_max=clip_max)
+def fgsm(eps, clip_min=0.0, clip_max=1.0, **settings):
+    """FGSM (Goodfellow et al., 2015): one gradient step of size eps from x, no random
+    start, no restarts (signed for L-infinity, normalized for L2). `settings` are PGD's
+    other arguments (norm, loss_fn, eot_samples, chunks)."""
+    return PGD(eps, eps, 1, clip_min=clip_min, clip_max=clip_max,
+               **{**settings, "random_start": False, "restarts": 1})

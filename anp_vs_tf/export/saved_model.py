@@ -23,10 +23,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anp_vs_tf.config import ConfigError
 from anp_vs_tf.export.compact import compact, has_masks
 from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.precision import float32_copy
+from anp_vs_tf.trainers.loading import load_robust_model
 from anp_vs_tf.version import __version__
 
 SIGNATURE = "serving_default"
@@ -39,10 +39,10 @@ _CHECK_EXAMPLES, _CHECK_TOLERANCE = 16, 1e-4
 def version_dir(export_dir, version):
     """export_dir/version, after checking the version is a positive integer and is new."""
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
-        raise ConfigError(f"the export version must be a positive integer (TF Serving's layout), got {version!r}.")
+        raise ValueError(f"the export version must be a positive integer (TF Serving's layout), got {version!r}.")
     target = os.path.join(export_dir, str(int(version)))
     if os.path.exists(target):
-        raise ConfigError(f"{target} already exists; versions are never overwritten, choose a new --version.")
+        raise ValueError(f"{target} already exists; versions are never overwritten, choose a new --version.")
     return target
 
 
@@ -60,7 +60,7 @@ def export(model, export_dir, version=1, source_path=None, verbose=True):
     try:
         small = compact(model)
     except ValueError as error:
-        raise ConfigError(f"cannot export {backbone.name}: {error}") from None
+        raise ValueError(f"cannot export {backbone.name}: {error}") from None
     notes = []
     if not has_masks(model):
         notes.append(f"{backbone.name} has no Beta-Bernoulli layers: nothing to prune, exported unchanged.")
@@ -85,13 +85,8 @@ def export(model, export_dir, version=1, source_path=None, verbose=True):
 
 
 def export_file(model_path, export_dir, version=1, verbose=True):
-    """`--mode=export`: load a .keras model saved by anp_vs_tf and export it (ConfigError on refusal)."""
-    from anp_vs_tf.experiment import load_robust_model  # the training stack loads only here
-
-    if model_path is None:
-        raise ConfigError("--mode=export needs --model_path=PATH.keras.")
-    if not export_dir:
-        raise ConfigError("--mode=export needs --export_dir=DIR.")
+    """Load a .keras model saved by anp_vs_tf and export it (ValueError on refusal,
+    before anything is written)."""
     version_dir(export_dir, version)  # refuse before loading anything
     return export(load_robust_model(model_path), export_dir, version, source_path=model_path, verbose=verbose)
 

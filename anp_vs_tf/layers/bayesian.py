@@ -11,8 +11,8 @@ plus the KL of posterior to prior (scaled by the data set size: the negative ELB
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
+from anp_vs_tf import seeds
 from anp_vs_tf.layers.sampling import current_scope
 from anp_vs_tf.layers.walk import all_layers
 
@@ -109,9 +109,9 @@ class _GaussianLayer(keras.layers.Layer):
         """
         if seed is None:
             seed = self.seed_generator.next()
-        seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
+        seed = seeds.int32_seed(seed)
         samples = []
-        for (mu, rho), part_seed in zip(self._posterior_variables(), tfp.random.split_seed(seed, n=2)):
+        for (mu, rho), part_seed in zip(self._posterior_variables(), tf.unstack(seeds.split(seed, 2))):
             mu = tf.convert_to_tensor(mu)
             eps = tf.random.stateless_normal(tf.shape(mu), seed=part_seed, dtype=mu.dtype)
             samples.append(mu + tf.nn.softplus(rho) * eps)

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from anp_vs_tf import distribute
+from anp_vs_tf import seeds
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.layers.sampling import current_scope
 from anp_vs_tf.layers.walk import all_layers
@@ -76,7 +76,7 @@ def concrete_sample(pi, temperature, batch_size, seed):
     RelaxedBernoulli.sample, keeps the gradient finite where the sigmoid saturates
     (TFP's sigmoid bijector gives NaN there, and at t = 0.1 it saturates often).
     The logistic noise is what `tfd.Logistic(loc, scale).sample(n, seed=seed)` computes,
-    from the same uniform draw, with the uniform of `distribute.stateless_uniform` so that
+    from the same uniform draw, with the uniform of `seeds.stateless_uniform` so that
     it is the same under XLA (the log and log1p of it then agree to float rounding).
     """
     pi = tf.clip_by_value(pi, _PI_EPS, 1.0 - _PI_EPS)
@@ -86,7 +86,7 @@ def concrete_sample(pi, temperature, batch_size, seed):
 
     def logistic(n):
         # As TFP's Logistic: u in (0, 1), from its smallest normal float up.
-        u = distribute.stateless_uniform(tf.concat([[n], tf.shape(loc)], 0), seed,
+        u = seeds.stateless_uniform(tf.concat([[n], tf.shape(loc)], 0), seed,
                                          minval=np.finfo(np.float32).tiny, maxval=1.0)
         return (tf.math.log(u) - tf.math.log1p(-u)) * scale + loc
 
@@ -182,11 +182,6 @@ class BetaBernoulliDropout(keras.layers.Layer):
         a, b = self.concentrations()
         return tfd.Kumaraswamy(concentration1=a, concentration0=b)
 
-    def prior(self):
-        """p(pi) = Beta(alpha, 1), one per unit."""
-        ones = tf.ones((self.units,), tf.float32)
-        return tfd.Beta(concentration1=self.alpha * ones, concentration0=ones)
-
     def keep_probability(self):
         """E_q[pi] per unit: the deterministic mask value before thresholding."""
         return self.posterior().mean()
@@ -206,6 +201,7 @@ class BetaBernoulliDropout(keras.layers.Layer):
 
     def kl_divergence(self):
         """sum over units of KL(q(pi) || p(pi)); the Bernoulli part of the KL is zero."""
+        # No tfd.Beta prior object: TFP has no KL(Kumaraswamy || Beta), so this is the closed form.
         a, b = self.concentrations()
         return tf.reduce_sum(kumaraswamy_beta_kl(a, b, self.alpha))
 
@@ -218,10 +214,10 @@ class BetaBernoulliDropout(keras.layers.Layer):
         """
         if seed is None:
             seed = self.seed_generator.next()
-        seed = tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
-        pi_seed, z_seed = tf.unstack(distribute.split(seed, 2))  # = tfp.random.split_seed(seed, n=2)
+        seed = seeds.int32_seed(seed)
+        pi_seed, z_seed = tf.unstack(seeds.split(seed, 2))
         a, b = self.concentrations()
-        pi = kumaraswamy_sample(a, b, distribute.stateless_uniform(tf.shape(a), pi_seed))
+        pi = kumaraswamy_sample(a, b, seeds.stateless_uniform(tf.shape(a), pi_seed))
         return concrete_sample(pi, self.temperature, batch_size, z_seed)
 
     def _training_mask(self, batch_size):

@@ -12,7 +12,7 @@ import zlib
 
 import tensorflow as tf
 
-from anp_vs_tf import distribute
+from anp_vs_tf import seeds
 
 
 class Scope:
@@ -26,11 +26,11 @@ class Scope:
 
     def layer_seed(self, layer):
         """This layer's stateless seed: the step's seed with the layer's name folded in
-        (`distribute.fold_in`, so the same under XLA)."""
+        (`seeds.fold_in`, so the same under XLA)."""
         if self.seed is None:
             return None
         key = zlib.crc32(layer.name.encode()) % (2**31 - 1)
-        return distribute.fold_in(tf.cast(self.seed, tf.int32), key)
+        return seeds.fold_in(tf.cast(self.seed, tf.int32), key)
 
 
 _state = threading.local()

@@ -16,6 +16,7 @@ Each check is a pure function of the measured numbers (easy to test), and
 from absl import logging
 import tensorflow as tf
 
+from anp_vs_tf.attacks.pgd import fgsm
 from anp_vs_tf.metrics.robustness import attack_evaluation
 
 # Accuracy differences within one point are attack noise (random starts), not a symptom.
@@ -70,7 +71,9 @@ def gradient_masking_checks(model, dataset, adversary, examples=1000, verbose=0)
     base = attack_evaluation(model, data, adversary, verbose=verbose)
     base_acc = base["acc_adv"]
     eps_acc = [base_acc if f == 1.0 else robust_acc(pgd(e)) for f, e in zip(EPS_FRACTIONS, eps_values)]
-    fgsm_acc = robust_acc(adversary.replace(step_size=adversary.eps, steps=1, random_start=False, restarts=1))
+    fgsm_acc = robust_acc(fgsm(adversary.eps, adversary.clip_min, adversary.clip_max, norm=adversary.norm,
+                               loss_fn=adversary.loss_fn, eot_samples=adversary.eot_samples,
+                               chunks=adversary.chunks))
     full_range = adversary.clip_max - adversary.clip_min
     unbounded_acc = robust_acc(pgd(full_range, step_size=2.5 * full_range / max(adversary.steps, 1)))
     more_steps_acc = robust_acc(pgd(adversary.eps, steps=2 * adversary.steps, step_size=adversary.step_size))

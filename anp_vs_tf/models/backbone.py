@@ -8,6 +8,7 @@ methods with the vulnerability term cannot use it.
 import numpy as np
 
 from anp_vs_tf.layers.walk import all_layers
+from anp_vs_tf.models import graph
 
 
 def split_outputs(outputs):
@@ -20,6 +21,12 @@ def split_outputs(outputs):
             )
         return outputs["logits"], list(outputs.get("latents", []))
     return outputs, []
+
+
+def latent_names(backbone):
+    """Names of the layers whose outputs are the backbone's latent features."""
+    _, latents = split_outputs(backbone.output)
+    return [graph.producer(z).layer.name for z in latents]
 
 
 def _weighted_layers(model):

@@ -6,13 +6,14 @@ from anp_vs_tf.trainers.methods import (
     REGISTRY,
     Method,
     Views,
-    cross_entropy,
+    mean_cross_entropy,
     get_method,
     method_names,
     method_switches,
     register,
 )
 from anp_vs_tf.trainers.robust_model import RobustModel
+from anp_vs_tf.trainers.loading import load_robust_model
 
 # Methods beyond the base class's switches register themselves when imported.
 from anp_vs_tf.trainers.admm import Admm
@@ -27,8 +28,9 @@ __all__ = [
     "RobustModel",
     "Trades",
     "Views",
-    "cross_entropy",
+    "mean_cross_entropy",
     "get_method",
+    "load_robust_model",
     "method_names",
     "method_switches",
     "register",

@@ -16,7 +16,7 @@ that only the Beta-Bernoulli parameters follow. Every loss also carries L2 weigh
 decay on the kernels. A method that needs more subclasses `Method`, overrides the
 hooks it needs (`adversarial_examples`, `losses`, `after_update`, `callbacks`,
 `inference_outputs`) and registers itself with `register` (see trades.py, admm.py,
-bayesian.py next to this file).
+adv_bnn.py next to this file; its Gaussian-weight layers are in layers/bayesian.py).
 """
 
 import inspect
@@ -24,6 +24,7 @@ import inspect
 import keras
 import tensorflow as tf
 
+from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.metrics.vulnerability import network_vulnerability
 
 # name -> (class, the switches that make it that method); see `register`.
@@ -35,13 +36,9 @@ def register(name, cls=None, **switches):
     REGISTRY[name] = (cls or Method, switches)
 
 
-def cross_entropy(labels, logits):
-    """Mean cross-entropy of integer labels against logits."""
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
-        )
-    )
+def mean_cross_entropy(labels, logits):
+    """The batch's mean of `losses.cross_entropy`: the loss term of every method."""
+    return tf.reduce_mean(cross_entropy(labels, logits))
 
 
 class Views:
@@ -59,7 +56,7 @@ class Method:
     """One training method: switches plus the hyperparameters of its losses.
 
     Args:
-        name: the method's name (one of PRESETS, or a subclass's own).
+        name: the method's name (one registered with `register`, listed by `method_names()`).
         adversarial: train on adversarial examples from the model's adversary.
         prunes: learn Beta-Bernoulli masks with the mask optimizer.
         suppress_vulnerability: add lambda_vs * V(x, x~) to the weight loss.
@@ -169,10 +166,10 @@ class Method:
 
     def classification_loss(self, views, y):
         """(terms, loss): CE(x), or (CE(x) + w CE(x~)) / (1 + w) with an adversarial view."""
-        terms = {"ce": cross_entropy(y, views.logits)}
+        terms = {"ce": mean_cross_entropy(y, views.logits)}
         if views.logits_adv is None:
             return terms, terms["ce"]
-        terms["ce_adv"] = cross_entropy(y, views.logits_adv)
+        terms["ce_adv"] = mean_cross_entropy(y, views.logits_adv)
         w = self.adv_weight
         return terms, (terms["ce"] + w * terms["ce_adv"]) / (1.0 + w)
 

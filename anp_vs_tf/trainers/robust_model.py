@@ -14,11 +14,11 @@ import random
 
 import keras
 import tensorflow as tf
-from keras.src.saving import serialization_lib
 
 from anp_vs_tf import distribute
 from anp_vs_tf import kernels as kernel_choice
-from anp_vs_tf import precision
+from anp_vs_tf import precision, seeds
+from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
@@ -27,11 +27,11 @@ from anp_vs_tf.trainers.methods import Views, get_method
 
 
 def _deserialize(config):
-    return serialization_lib.deserialize_keras_object(config) if isinstance(config, dict) else config
+    return keras.saving.deserialize_keras_object(config) if isinstance(config, dict) else config
 
 
 def _serialize(obj):
-    return serialization_lib.serialize_keras_object(obj) if obj is not None else None
+    return keras.saving.serialize_keras_object(obj) if obj is not None else None
 
 
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
@@ -209,11 +209,11 @@ class RobustModel(keras.Model):
         Keyed by (seed, optimizer step, stream), so draws are reproducible and a run
         restored from a checkpoint repeats them. Every replica gets the same seed and
         keeps its rows of a global draw (`distribute.replica_rows`), so the draws do
-        not depend on the number of replicas either, nor on XLA (`distribute.fold_in`).
+        not depend on the number of replicas either, nor on XLA (`seeds.fold_in`).
         """
-        step = tf.cast(tf.math.floormod(self.optimizer.iterations, 2**31 - 1), tf.int32)
+        step = seeds.int32_seed(self.optimizer.iterations)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
-        return distribute.fold_in(seed, stream)
+        return seeds.fold_in(seed, stream)
 
     def attack(self, x, y, adversary=None, seed=None):
         """Adversarial examples against the deterministic network, or against the
@@ -226,7 +226,7 @@ class RobustModel(keras.Model):
         """
         adversary = adversary or self.adversary
         if seed is None:
-            seed = tf.cast(tf.math.floormod(self._eval_seeds.next(), 2**31 - 1), tf.int32)
+            seed = seeds.int32_seed(self._eval_seeds.next())
         if getattr(adversary, "eot_samples", 1) > 1 and self.mask_layers:
             logits = self.stochastic_logits
         elif self.method.predicts_with_backbone:
@@ -296,9 +296,7 @@ class RobustModel(keras.Model):
             )
         elif mask_optimizer is not None:
             raise ValueError(f"method {self.method.name!r} has no masks to optimize; drop mask_optimizer.")
-        self._compile_config = serialization_lib.SerializableDict(
-            optimizer=optimizer, mask_optimizer=self.mask_optimizer, **kwargs
-        )
+        self._compile_settings = dict(optimizer=optimizer, mask_optimizer=self.mask_optimizer, **kwargs)
         # Create the optimizers' slots now, under the caller's strategy scope: created
         # lazily inside a replica's step they would belong to that replica alone.
         self.optimizer.build(self.weight_variables)
@@ -306,12 +304,12 @@ class RobustModel(keras.Model):
             self.mask_optimizer.build(self.mask_variables)
 
     def get_compile_config(self):
-        if self.compiled and hasattr(self, "_compile_config"):
-            return self._compile_config.serialize()
+        if self.compiled and hasattr(self, "_compile_settings"):
+            return keras.saving.serialize_keras_object(self._compile_settings)
         return {}
 
     def compile_from_config(self, config):
-        self.compile(**serialization_lib.deserialize_keras_object(config))
+        self.compile(**keras.saving.deserialize_keras_object(config))
 
     def _logs(self, names):
         return {n: self.trackers[n].result() for n in names}
@@ -346,16 +344,12 @@ class RobustModel(keras.Model):
         logs = self._logs(names)
         if masks:
             logs["sparsity"] = self.sparsity()
-        return _for_keras(logs)
+        return distribute.step_logs_for_keras(logs)
 
     def test_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits, latents = self.method.inference_outputs(self, x)
-        self.trackers["loss"].update_state(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.cast(y, tf.int32), logits=tf.cast(logits, tf.float32)
-            )
-        )
+        self.trackers["loss"].update_state(cross_entropy(y, logits))
         self.trackers["acc"].update_state(_correct(y, logits))
         names = ["loss", "acc"]
         if self.eval_adversary is not None:
@@ -367,8 +361,8 @@ class RobustModel(keras.Model):
                 self.feature_vulnerability.update_state(latents, latents_adv)
                 logs = self._logs(names)
                 logs["vulnerability"] = self.feature_vulnerability.result()
-                return _for_keras(logs)
-        return _for_keras(self._logs(names))
+                return distribute.step_logs_for_keras(logs)
+        return distribute.step_logs_for_keras(self._logs(names))
 
     @property
     def metrics(self):
@@ -403,18 +397,6 @@ class RobustModel(keras.Model):
 
 
 _ATTACK_STREAM, _MASK_STREAM = 1, 2
-
-
-def _for_keras(logs):
-    """The step's logs as Keras reduces them across replicas.
-
-    Under MultiWorkerMirroredStrategy Keras averages each logged value over the
-    replicas along axis 0, which a scalar does not have (keras-team/keras#20585):
-    there, every value goes out as a vector of one.
-    """
-    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
-    return logs
 
 
 def _correct(y, logits):

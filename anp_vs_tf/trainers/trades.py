@@ -10,11 +10,12 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf.metrics.vulnerability import network_vulnerability
-from anp_vs_tf.trainers.methods import Method, cross_entropy, register
+from anp_vs_tf.trainers.methods import Method, mean_cross_entropy, register
 
 
-def kl_from_clean(logits, clean_probabilities):
-    """Per-example KL(p_clean || softmax(logits)): the loss TRADES' attack maximizes.
+def kl_from_clean(clean_probabilities, logits):
+    """Per-example KL(p_clean || softmax(logits)): the loss TRADES' attack maximizes
+    (an attack's `loss_fn(y, logits)`).
 
     The clean probabilities come in as the attack's target (its `y`), row by row with
     the images, so that an attack that splits the batch (PGD's chunks) splits them too."""
@@ -49,8 +50,8 @@ class Trades(Method):
 
     def losses(self, model, views, y):
         terms = {
-            "ce": cross_entropy(y, views.logits),
-            "ce_adv": cross_entropy(y, views.logits_adv),
+            "ce": mean_cross_entropy(y, views.logits),
+            "ce_adv": mean_cross_entropy(y, views.logits_adv),
             "trades_kl": prediction_kl(views.logits, views.logits_adv),
         }
         if views.latents:
