@@ -46,6 +46,7 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         method_name,
         adv_weight=config.adv_weight,
         beta_kl=config.beta_kl,
+        kl_weighting=config.kl_weighting,
         lambda_vs=config.lambda_vs,
         weight_decay=config.weight_decay,
         num_train_examples=info.num_train,

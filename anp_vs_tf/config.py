@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 from anp_vs_tf.distribute import STRATEGIES
 from anp_vs_tf.errors import ConfigError
+from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
 from anp_vs_tf.trainers import method_names, method_switches
 
 # The authors' settings (reference/paper-results.md). step_size is the PGD step in
@@ -63,6 +64,7 @@ class RunConfig:
     eval_step_size: Optional[float] = None
     adv_weight: float = 2.0
     beta_kl: Optional[float] = None
+    kl_weighting: str = "uniform"
     lambda_vs: Optional[float] = None
     weight_decay: float = 1e-4
     lr: float = 1e-3
@@ -134,6 +136,8 @@ class RunConfig:
         need(self.pgd_steps >= 1 and self.eval_pgd_steps >= 1, "PGD step counts must be >= 1.")
         need(self.epochs >= 0 and self.pretrain_epochs >= 0, "epoch counts must be >= 0.")
         need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
+        need(self.kl_weighting in KL_WEIGHTINGS,
+             f"unknown kl_weighting {self.kl_weighting!r}; choose one of {', '.join(KL_WEIGHTINGS)}.")
         for name in ("adv_weight", "beta_kl", "lambda_vs", "weight_decay"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
         need(0 < self.lr < math.inf and 0 < self.mask_lr < math.inf, "learning rates must be finite and > 0.")

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from anp_vs_tf import experiment
 from anp_vs_tf.config import DATASET_PRESETS, MODES, TUNERS, RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted, SearchFailed
+from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
 from anp_vs_tf.checkpointing import TrainingDiverged
 from anp_vs_tf.data import DataError
 from anp_vs_tf.distribute import STRATEGIES
@@ -46,6 +47,8 @@ flags.DEFINE_integer("eval_pgd_steps", 40, "PGD steps in evaluation.")
 flags.DEFINE_float("eval_step_size", None, "PGD step size in evaluation (default: the dataset's step size).")
 flags.DEFINE_float("adv_weight", 2.0, "w in (CE(x) + w CE(x_adv)) / (1 + w).")
 flags.DEFINE_float("beta_kl", None, "beta: weight of the masks' KL per training example (default: per dataset).")
+flags.DEFINE_enum("kl_weighting", "uniform", list(KL_WEIGHTINGS),
+                  "the masks' KL per unit: uniform (the paper's), or weighted by what a unit costs (flops, params, memory).")
 flags.DEFINE_float("lambda_vs", None, "lambda: weight of the vulnerability suppression loss (default: per dataset).")
 flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on the kernels.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate of the weights.")

@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf.losses import cross_entropy
+from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
 from anp_vs_tf.metrics.vulnerability import network_vulnerability
 
 # name -> (class, the switches that make it that method); see `register`.
@@ -62,6 +63,9 @@ class Method:
         suppress_vulnerability: add lambda_vs * V(x, x~) to the weight loss.
         adv_weight: w in (CE(x) + w CE(x~)) / (1 + w).
         beta_kl: beta, the weight of the KL of the masks per training example.
+        kl_weighting: "uniform" (the paper's: every unit's KL alike), or "flops",
+            "params", "memory": each unit's KL weighted by what it costs the deployed
+            network (`metrics.unit_costs.kl_weights`), the same total pressure.
         lambda_vs: lambda, the weight of the vulnerability suppression loss.
         weight_decay: coefficient of sum(w^2)/2 over the kernels.
         num_train_examples: N, the training-set size that scales the KL (needed to prune).
@@ -82,6 +86,7 @@ class Method:
         suppress_vulnerability=False,
         adv_weight=2.0,
         beta_kl=1.0,
+        kl_weighting="uniform",
         lambda_vs=0.0,
         weight_decay=1e-4,
         num_train_examples=None,
@@ -92,6 +97,8 @@ class Method:
                              ("lambda_vs", lambda_vs), ("weight_decay", weight_decay)):
             if value < 0:
                 raise ValueError(f"{field} must be >= 0, got {value}.")
+        if kl_weighting not in KL_WEIGHTINGS:
+            raise ValueError(f"kl_weighting must be one of {KL_WEIGHTINGS}, got {kl_weighting!r}.")
         if prunes and not (num_train_examples and num_train_examples > 0):
             raise ValueError(
                 f"method {name!r} prunes, so it needs num_train_examples (the training-set "
@@ -103,6 +110,7 @@ class Method:
         self.suppress_vulnerability = bool(suppress_vulnerability)
         self.adv_weight = float(adv_weight)
         self.beta_kl = float(beta_kl)
+        self.kl_weighting = kl_weighting
         self.lambda_vs = float(lambda_vs)
         self.weight_decay = float(weight_decay)
         self.num_train_examples = num_train_examples
@@ -181,6 +189,7 @@ class Method:
             suppress_vulnerability=self.suppress_vulnerability,
             adv_weight=self.adv_weight,
             beta_kl=self.beta_kl,
+            kl_weighting=self.kl_weighting,
             lambda_vs=self.lambda_vs,
             weight_decay=self.weight_decay,
             num_train_examples=self.num_train_examples,

@@ -20,6 +20,7 @@ from anp_vs_tf import kernels as kernel_choice
 from anp_vs_tf import precision, seeds
 from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.layers import all_layers, beta_bernoulli_layers, gaussian_layers, sampling
+from anp_vs_tf.metrics.unit_costs import kl_weights
 from anp_vs_tf.metrics.vulnerability import FeatureVulnerability
 from anp_vs_tf.models.backbone import split_outputs
 from anp_vs_tf.models.folding import folded_logits
@@ -92,6 +93,9 @@ class RobustModel(keras.Model):
             for name in dict.fromkeys(self.method.terms + ("loss", "acc", "acc_adv"))
         }
         self.feature_vulnerability = FeatureVulnerability(self._latent_units())
+        # Per mask layer, the weight of its units' KL: None for the paper's uniform KL.
+        self.kl_weights = (kl_weights(backbone, self.method.kl_weighting)
+                           if self.method.prunes and self.method.kl_weighting != "uniform" else None)
         self.mask_optimizer = None
         # Variables a method keeps (ADMM's duals and masks), saved with the model.
         self.method_state = self.method.build(self) or {}
@@ -171,8 +175,11 @@ class RobustModel(keras.Model):
         return [v for v in self.backbone.trainable_variables if id(v) not in masks]
 
     def kl_divergence(self):
-        """Total KL of the Beta-Bernoulli masks (zero for a backbone without them)."""
+        """Total KL of the Beta-Bernoulli masks (zero for a backbone without them), each
+        layer's weighted by the cost of its units if the method says so (`kl_weighting`)."""
         kls = [layer.kl_divergence() for layer in self.mask_layers]
+        if self.kl_weights is not None:
+            kls = [self.kl_weights[layer.name] * kl for layer, kl in zip(self.mask_layers, kls)]
         return tf.add_n(kls) if kls else tf.constant(0.0)
 
     @property
