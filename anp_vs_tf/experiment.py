@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -29,6 +30,7 @@ from anp_vs_tf.config import RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted
 from anp_vs_tf.files import write_json
 from anp_vs_tf.run_dir import check_out_dir, prepare_out_dir
+from anp_vs_tf.trainers import method_switches
 
 
 def measure(model, splits, config, out_dir, bb_source=None):
@@ -125,10 +127,24 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
     return metrics, model_path
 
 
+def warn(message):
+    """One line on stderr that the user should read (the run goes on)."""
+    print(f"anp_vs_tf: warning: {message}", file=sys.stderr, flush=True)
+
+
+def at_chance(clean_acc, num_classes):
+    """Whether a clean accuracy is within 2 points of guessing: the network learned nothing."""
+    return clean_acc <= 1.0 / num_classes + 0.02
+
+
 def run_train(config):
     """Train (after pretraining a base model if asked), evaluate, write metrics.json."""
     start = time.time()
     check_out_dir(config)
+    if method_switches(config.method)["prunes"] and config.init_from is None and not config.pretrain_epochs:
+        warn(f"--method={config.method} learns its masks on random weights, where most units are "
+             "dropped in every step and the network often learns nothing; pass --init_from=BASE.keras "
+             "(a --method=standard run) or --pretrain_epochs=N (configs/quickstart.cfg uses 2).")
     if config.init_from is not None:
         base = load_model_file(config.init_from, "--init_from")
         if base.backbone.name != config.model:
@@ -159,6 +175,11 @@ def run_train(config):
         write_json(os.path.join(out, "metrics.json"), metrics)
     rows.append((report.PAPER_NAMES.get(config.method, config.method), metrics))
     print(report.format_table(rows))
+    if at_chance(metrics["clean_acc"], splits.info.num_classes):
+        warn(f"{config.method} ended at chance accuracy ({100 * metrics['clean_acc']:.1f}% clean for "
+             f"{splits.info.num_classes} classes): it learned nothing"
+             + ("; start the masks from a trained network (--init_from or --pretrain_epochs)."
+                if method_switches(config.method)["prunes"] and init_from is None else "."))
     return metrics
 
 
