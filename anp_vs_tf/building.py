@@ -13,7 +13,7 @@ import keras
 from anp_vs_tf import attacks, data, precision
 from anp_vs_tf.config import ConfigError
 from anp_vs_tf.models import build_model, check_input_shape, transfer_weights
-from anp_vs_tf.trainers import RobustModel, get_method, load_robust_model
+from anp_vs_tf.trainers import RobustModel, get_method, load_robust_model, method_switches
 
 
 def load_model_file(path, flag):
@@ -47,6 +47,9 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         adv_weight=config.adv_weight,
         beta_kl=config.beta_kl,
         kl_weighting=config.kl_weighting,
+        # The target is the pruned model's: the base model a run pretrains has no masks.
+        target_flops_speedup=config.target_flops_speedup if method_switches(method_name)["prunes"] else None,
+        finetune_fraction=config.finetune_fraction,
         lambda_vs=config.lambda_vs,
         weight_decay=config.weight_decay,
         num_train_examples=info.num_train,

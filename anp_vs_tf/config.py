@@ -65,6 +65,8 @@ class RunConfig:
     adv_weight: float = 2.0
     beta_kl: Optional[float] = None
     kl_weighting: str = "uniform"
+    target_flops_speedup: Optional[float] = None
+    finetune_fraction: float = 0.3
     lambda_vs: Optional[float] = None
     weight_decay: float = 1e-4
     lr: float = 1e-3
@@ -138,6 +140,13 @@ class RunConfig:
         need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
         need(self.kl_weighting in KL_WEIGHTINGS,
              f"unknown kl_weighting {self.kl_weighting!r}; choose one of {', '.join(KL_WEIGHTINGS)}.")
+        if self.target_flops_speedup is not None:
+            need(method_switches(self.method)["prunes"],
+                 f"--target_flops_speedup prunes with masks, and {self.method} has none: use bp, anp or anp_vs.")
+            need(self.target_flops_speedup > 1,
+                 f"--target_flops_speedup is a factor of fewer FLOPs, > 1; got {self.target_flops_speedup}.")
+        need(0 <= self.finetune_fraction < 1,
+             f"finetune_fraction is a fraction of the epochs in [0, 1), got {self.finetune_fraction}.")
         for name in ("adv_weight", "beta_kl", "lambda_vs", "weight_decay"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}.")
         need(0 < self.lr < math.inf and 0 < self.mask_lr < math.inf, "learning rates must be finite and > 0.")

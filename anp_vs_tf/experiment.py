@@ -75,6 +75,8 @@ def fit(model, splits, epochs, batch_size, out_dir, verbose=1):
     callbacks = [saver, checkpointing.NanGuard(state)]
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
+        # Every epoch's logs (with masks: the kept units per layer), for plots.plot_pruning.
+        callbacks.append(keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=True))
     legs = []  # (first epoch, last epoch, steps per epoch): finish an interrupted epoch first
     if offset and epoch < epochs:
         legs.append((epoch, epoch + 1, per_epoch - offset))
@@ -115,6 +117,12 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
     model_path = os.path.join(model_dir, "model.keras")
     model.save(model_path)
     metrics = measure(model, splits, config, out_dir, bb_source)
+    target = model.method.target_flops_speedup
+    if target is not None:
+        metrics.update(target_flops_speedup=target, target_met=bool(metrics["flops_speedup"] >= target))
+        if not metrics["target_met"]:
+            warn(f"the pruned network has {metrics['flops_speedup']:.2f}x fewer FLOPs, short of "
+                 f"--target_flops_speedup={target:g}: no choice of units reaches it.")
     metrics.update(
         method=model.method.name,
         model=config.model,

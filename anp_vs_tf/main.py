@@ -49,6 +49,12 @@ flags.DEFINE_float("adv_weight", 2.0, "w in (CE(x) + w CE(x_adv)) / (1 + w).")
 flags.DEFINE_float("beta_kl", None, "beta: weight of the masks' KL per training example (default: per dataset).")
 flags.DEFINE_enum("kl_weighting", "uniform", list(KL_WEIGHTINGS),
                   "the masks' KL per unit: uniform (the paper's), or weighted by what a unit costs (flops, params, memory).")
+flags.DEFINE_float("target_flops_speedup", None,
+                   "Prune to at least this many times fewer FLOPs (bp, anp, anp_vs): the KL's weight "
+                   "adapts until the network is there, then the masks are frozen and the weights "
+                   "fine-tuned for the last --finetune_fraction of the epochs.")
+flags.DEFINE_float("finetune_fraction", 0.3,
+                   "With --target_flops_speedup, the fraction of the epochs that fine-tunes the frozen network.")
 flags.DEFINE_float("lambda_vs", None, "lambda: weight of the vulnerability suppression loss (default: per dataset).")
 flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on the kernels.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate of the weights.")

@@ -55,6 +55,49 @@ def plot_active_units(n_active, n_units, path, title=None):
     return _save(figure, path, title)
 
 
+def plot_pruning(epochs, kept, n_units, path, flops_speedup=None, title=None):
+    """Kept units of each mask layer over the epochs (as a share of its units), and the
+    FLOPs speed-up of the network as deployed after each epoch on a second axis.
+
+    Args:
+        epochs: the epoch numbers (1, 2, ...).
+        kept: {layer: kept units after each epoch}; n_units: {layer: its units}.
+        flops_speedup: the speed-up after each epoch, or None.
+    """
+    figure = _figure(6.0, 3.6)
+    ax = figure.add_subplot()
+    for name, counts in kept.items():
+        share = 100.0 * np.asarray(counts, float) / n_units[name]
+        ax.plot(epochs, share, marker="o", markersize=3,
+                label=f"{name} ({int(counts[-1])}/{n_units[name]})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("units kept (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8, loc="lower left")
+    if flops_speedup is not None:
+        right = ax.twinx()
+        right.plot(epochs, flops_speedup, color="black", linestyle="--", label="FLOPs speed-up")
+        right.set_ylabel("x fewer FLOPs (dashed)")
+        right.set_ylim(bottom=0)
+    return _save(figure, path, title)
+
+
+def read_pruning_history(path):
+    """(epochs, {layer: kept units}, speed-ups) from a run's history.csv, the last row of
+    each epoch (a resumed run may have logged an epoch twice); None without kept_ columns."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = {int(row["epoch"]): row for row in csv.DictReader(f)}
+    if not rows or not any(key.startswith("kept_") for key in next(iter(rows.values()))):
+        return None
+    ordered = [rows[e] for e in sorted(rows)]
+    layers = [key for key in ordered[0] if key.startswith("kept_")]
+    kept = {key[len("kept_"):]: [float(r[key]) for r in ordered] for key in layers}
+    speedup = [float(r["flops_speedup"]) for r in ordered] if "flops_speedup" in ordered[0] else None
+    return [e + 1 for e in sorted(rows)], kept, speedup
+
+
 def plot_vulnerability_histograms(series, path, title=None, bins=30):
     """Histograms of per-feature vulnerability, one panel per model, on a shared x range.
 
@@ -118,7 +161,8 @@ def plot_saliency(images, saliency, path, labels=None, title=None):
 def write_run_plots(model, dataset, adversary, out_dir, metrics=None, num_saliency=8, seed=0):
     """Every figure one evaluated run can draw by itself, into `out_dir`/plots/.
 
-    active_units.png (models with masks), feature_vulnerability.png (first latent
+    pruning.png (models with masks, from out_dir/history.csv: kept units per layer over
+    the epochs), active_units.png (models with masks), feature_vulnerability.png (first latent
     layer: from metrics["feature_vulnerability_wb"] if there, else measured on the
     first batch), loss_surface.png (first example) and saliency.png (first
     `num_saliency` examples, x~ from `adversary`). Only the first batch of `dataset`
@@ -136,6 +180,17 @@ def write_run_plots(model, dataset, adversary, out_dir, metrics=None, num_salien
     x, y = next(iter(dataset))
     x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
     paths = []
+    history = pathlib.Path(out_dir) / "history.csv"
+    if model.mask_layers and history.exists():
+        from anp_vs_tf.trainers.compression import short_name
+
+        read = read_pruning_history(history)
+        if read is not None:
+            epochs, kept, speedup = read
+            units = {short_name(l.name): l.units for l in model.mask_layers}
+            if set(kept) <= set(units):
+                paths.append(plot_pruning(epochs, kept, units, plots / "pruning.png",
+                                          flops_speedup=speedup, title="pruning over the epochs"))
     if model.mask_layers:
         paths.append(plot_active_units(
             {l.name: int(l.num_active()) for l in model.mask_layers},

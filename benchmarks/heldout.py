@@ -10,6 +10,12 @@ PGD-40 robust accuracy, vulnerability and sparsity on those 5,000 and writes the
 OUT_DIR/result.json. β = 4 and λ = 3 in
 paper_table.py were chosen this way, by ANP-VS's held-out robust accuracy (21 epochs).
 --threads 1 lets two candidates train side by side on a 2-core machine.
+
+With --flagfile, the settings are that flagfile's instead (the quickstart's defaults were
+chosen so), and its --pretrain_epochs base is trained first, on the same held-out split:
+
+    ANP_VS_DATA_DIR=../shared/data python benchmarks/heldout.py --flagfile configs/quickstart.cfg \
+        --set target_flops_speedup=5 --out_dir runs/heldout/quickstart_x5
 """
 
 import argparse
@@ -23,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf import building, data
-from anp_vs_tf.metrics import attack_evaluation
+from anp_vs_tf.metrics import attack_evaluation, complexity
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paper_table import METHODS, settings  # noqa: E402  (the table's settings, so the choice carries over)
@@ -38,9 +44,20 @@ def parse_override(text):
         raise argparse.ArgumentTypeError(f"--set expects name=number, got {text!r}") from None
 
 
+def flagfile_settings(path):
+    """The resolved RunConfig of a flagfile, parsed as `python -m anp_vs_tf.main` parses it."""
+    from absl import flags
+
+    from anp_vs_tf import main as cli
+
+    flags.FLAGS(["heldout", f"--flagfile={path}"])
+    return cli.config_from_flags().resolved()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--method", choices=METHODS, help="default: the flagfile's method")
+    parser.add_argument("--flagfile", help="a run's flagfile (e.g. configs/quickstart.cfg) instead of paper_table.py's settings")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10", "cifar100"])
     parser.add_argument("--epochs", type=int, default=21)
@@ -54,7 +71,12 @@ def main(argv=None):
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    base = settings(args.dataset, args.out_dir, args.epochs, args.train_subset, None).resolved()
+    if args.flagfile:
+        base = flagfile_settings(args.flagfile)
+    elif args.method is None:
+        parser.error("--method is needed without --flagfile")
+    else:
+        base = settings(args.dataset, args.out_dir, args.epochs, args.train_subset, None).resolved()
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = [name for name, _ in args.set if name not in fields]
     if unknown:
@@ -67,18 +89,29 @@ def main(argv=None):
     if args.init_from and not os.path.exists(args.init_from):
         parser.error(f"--init_from {args.init_from} does not exist; train the base first (--method standard)")
     overrides = {name: type(getattr(base, name))(value) for name, value in args.set}  # lambda_vs=3 stays a float
-    config = dataclasses.replace(base, method=args.method, validation_examples=args.heldout, **overrides)
+    config = dataclasses.replace(base, method=args.method or base.method, validation_examples=args.heldout,
+                                 **overrides)
 
-    splits = data.load(args.dataset, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+    splits = data.load(config.dataset, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                        validation_examples=args.heldout, train_subset=args.train_subset, seed=config.seed)
     keras.utils.set_random_seed(config.seed)
-    model = building.build(config, splits.info, init_from=args.init_from)
     start = time.time()
-    model.fit(splits.train, epochs=config.epochs, verbose=2)
     os.makedirs(args.out_dir, exist_ok=True)
+    init_from = args.init_from
+    if args.flagfile and config.pretrain_epochs and init_from is None:
+        pretrained = building.build(config, splits.info, "standard", epochs=config.pretrain_epochs)
+        pretrained.fit(splits.train, epochs=config.pretrain_epochs, verbose=2)
+        init_from = os.path.join(args.out_dir, "base.keras")
+        pretrained.save(init_from)
+    model = building.build(config, splits.info, init_from=init_from)
+    model.fit(splits.train, epochs=config.epochs, verbose=2)
     model.save(os.path.join(args.out_dir, "model.keras"))
     result = attack_evaluation(model, splits.validation, building.eval_attack(config))
     result.pop("feature_vulnerability", None)
+    if model.mask_layers:
+        report = complexity(model.backbone)
+        result.update(flops_speedup=report.flops_speedup, memory_pct=report.memory_pct,
+                      n_active=report.n_active)
     result.update(
         sparsity=float(model.sparsity()) if hasattr(model, "sparsity") else 0.0,
         train_minutes=(time.time() - start) / 60, method=args.method, overrides=overrides,

@@ -47,6 +47,7 @@ from anp_vs_tf.metrics import attack_evaluation
 
 METHODS = ("standard", "bp", "at", "at_vs", "anp", "anp_vs", "pre_at", "trades", "admm", "at_bnn")
 FROM_BASE = ("bp", "anp", "anp_vs", "pre_at", "admm")
+MASKED = ("bp", "anp", "anp_vs")  # the methods a --target_flops_speedup applies to
 # Evaluation cost in PGD-40 passes over the test set: white box, black box (the attack
 # runs on the source), the gradient-masking checks on 500 examples, FGSM.
 EVAL_PASSES = 1.0 + 1.0 + 0.35 + 0.05
@@ -122,11 +123,12 @@ def plan_epochs(budget_s, per_epoch, pgd40_pass, bnn_samples):
     return epochs
 
 
-def run_method(base, name, out_dir, base_model, source_model):
+def run_method(base, name, out_dir, base_model, source_model, target_flops_speedup=None):
     config = dataclasses.replace(
         base, method=name, out_dir=os.path.join(out_dir, name),
         init_from=base_model if name in FROM_BASE else None,
         bb_source=source_model,
+        target_flops_speedup=target_flops_speedup if name in MASKED else None,
     )
     if os.path.exists(os.path.join(config.out_dir, "metrics.json")):
         print(f"{name}: already measured, skipped", flush=True)
@@ -143,6 +145,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, help="skip the planning and train this many epochs")
     parser.add_argument("--train_subset", type=int)
     parser.add_argument("--test_subset", type=int)
+    parser.add_argument("--target_flops_speedup", type=float,
+                        help="prune bp, anp and anp_vs to this FLOPs budget (trainers.compression); "
+                             "default: the paper's beta alone")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -173,7 +178,7 @@ def main(argv=None):
     source_model = os.path.join(source.out_dir, "model.keras")
     base_model = os.path.join(args.out_dir, "standard", "model.keras")
     for name in METHODS:  # standard first: it is the base the pruning methods start from
-        run_method(base, name, args.out_dir, base_model, source_model)
+        run_method(base, name, args.out_dir, base_model, source_model, args.target_flops_speedup)
 
     runs = [os.path.join(args.out_dir, name) for name in METHODS]
     status = report.main(runs + ["--markdown", os.path.join(args.out_dir, "table.md"),

@@ -50,7 +50,9 @@ def test_lenet5_caffe_dense():
     prunable = build_model("lenet5_caffe", prunable=True)
     assert LENET5_PARAMS == 431_080 and LENET5_FLOPS == 4_631_170
     assert LENET5_PARAMS == plain.count_params()
-    assert LENET5_PARAMS == prunable.count_params() - 2 * (20 + 50 + 800 + 500)
+    # Each mask unit has a, b and its frozen-mask value, each mask layer a frozen flag:
+    # training-only state, not deployed parameters.
+    assert LENET5_PARAMS == prunable.count_params() - 3 * (20 + 50 + 800 + 500) - 4
     for model in (plain, prunable):
         c = complexity(model)
         assert (c.params_dense, c.params_kept) == (LENET5_PARAMS, LENET5_PARAMS)

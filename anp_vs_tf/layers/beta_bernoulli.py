@@ -6,6 +6,10 @@ z ~ Bernoulli(pi). The variational posterior of pi is Kumaraswamy(a, b), a close
 cousin of the Beta whose reparameterized samples and KL to a Beta(alpha, 1) prior
 are both in closed form. A small alpha puts most prior mass near pi = 0, so units
 that do not earn their keep are switched off for good: that is the pruning.
+
+A layer can also be *frozen* (`freeze`): its mask becomes a fixed vector, E_q[pi] for the
+units it keeps and exactly 0 for the rest, in training as at inference, so the kept
+weights can be fine-tuned on the pruned network (`trainers.compression`).
 """
 
 import keras
@@ -102,7 +106,8 @@ class BetaBernoulliDropout(keras.layers.Layer):
     Training: pi ~ Kumaraswamy(a, b) (one draw per batch, reparameterized), then a
     relaxed Bernoulli mask z ~ Concrete(pi, temperature) for every example, so the
     gradient reaches a and b. Inference: the deterministic E_q[pi], with units whose
-    E_q[pi] is below `threshold` set to exactly zero.
+    E_q[pi] is below `threshold` set to exactly zero. Frozen (after `freeze`): the
+    fixed mask it was frozen with, in training and at inference alike.
 
     Args:
         alpha: concentration of the Beta(alpha, 1) prior on pi; small means sparse.
@@ -163,6 +168,22 @@ class BetaBernoulliDropout(keras.layers.Layer):
             initializer=keras.initializers.Constant(_softplus_inverse(self.b_init)),
             autocast=False,
         )
+        # The hard mask of a frozen layer, and whether it is frozen (0 or 1): state, not
+        # parameters, so no optimizer touches them; saved with the layer.
+        self.frozen_mask = self.add_weight(
+            name="frozen_mask", shape=(self.units,), initializer="ones", trainable=False, autocast=False,
+        )
+        self.frozen = self.add_weight(
+            name="frozen", shape=(), initializer="zeros", trainable=False, autocast=False,
+        )
+
+    def load_own_variables(self, store):
+        """Load a saved layer; one saved before layers could be frozen (a and b only) loads unfrozen."""
+        if len(store.keys()) == 2:
+            self.a_uc.assign(store["0"])
+            self.b_uc.assign(store["1"])
+            return
+        super().load_own_variables(store)
 
     # -- the variational posterior and what callers read off it ------------------
 
@@ -186,18 +207,37 @@ class BetaBernoulliDropout(keras.layers.Layer):
         """E_q[pi] per unit: the deterministic mask value before thresholding."""
         return self.posterior().mean()
 
+    def is_frozen(self):
+        """Boolean scalar: whether the mask is the fixed one `freeze` set."""
+        return tf.convert_to_tensor(self.frozen) > 0.5
+
     def active_mask(self):
-        """Boolean per unit: True where E_q[pi] >= threshold (the unit survives)."""
-        return self.keep_probability() >= self.threshold
+        """Boolean per unit: True where the unit survives (E_q[pi] >= threshold; frozen:
+        the units the layer was frozen with)."""
+        return tf.where(self.is_frozen(), tf.convert_to_tensor(self.frozen_mask) > 0.0,
+                        self.keep_probability() >= self.threshold)
 
     def num_active(self):
         """Number of units that survive pruning (int32 scalar)."""
         return tf.reduce_sum(tf.cast(self.active_mask(), tf.int32))
 
     def inference_mask(self):
-        """The mask applied at inference: E_q[pi], exactly zero for pruned units."""
+        """The mask applied at inference: E_q[pi], exactly zero for pruned units (frozen:
+        the fixed mask)."""
         keep = self.keep_probability()
-        return tf.where(keep >= self.threshold, keep, tf.zeros_like(keep))
+        learned = tf.where(keep >= self.threshold, keep, tf.zeros_like(keep))
+        return tf.where(self.is_frozen(), tf.convert_to_tensor(self.frozen_mask), learned)
+
+    def freeze(self, keep=None):
+        """Fix the mask for good: E_q[pi] on the units `keep` selects (bool per unit;
+        default the active ones), exactly 0 elsewhere. From then on the layer ignores a
+        and b, in training too, and `RobustModel` no longer trains them."""
+        keep = self.active_mask() if keep is None else tf.convert_to_tensor(keep, tf.bool)
+        if keep.shape != (self.units,):
+            raise ValueError(f"{self.name}: keep must have one entry per unit ({self.units}), got shape {keep.shape}.")
+        probability = self.keep_probability()
+        self.frozen_mask.assign(tf.where(keep, probability, tf.zeros_like(probability)))
+        self.frozen.assign(1.0)
 
     def kl_divergence(self):
         """sum over units of KL(q(pi) || p(pi)); the Bernoulli part of the KL is zero."""
@@ -237,6 +277,7 @@ class BetaBernoulliDropout(keras.layers.Layer):
         scope = current_scope()
         if training or (scope is not None and scope.at_inference):
             mask = self._training_mask(tf.shape(inputs)[0])
+            mask = tf.where(self.is_frozen(), tf.convert_to_tensor(self.frozen_mask)[None], mask)
             mask = tf.reshape(mask, [-1] + [1] * (len(inputs.shape) - 2) + [self.units])
         else:
             mask = self.inference_mask()

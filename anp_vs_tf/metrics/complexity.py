@@ -157,3 +157,13 @@ def complexity(model):
         n_active={layer.name: int(graph.masks[id(layer)].sum()) for layer in bb_layers},
         n_units={layer.name: int(layer.units) for layer in bb_layers},
     )
+
+
+def flops_speedup_with(graph, masks):
+    """Dense FLOPs / FLOPs of the network of `graph` (`pruning_graph(model)`) with the
+    active masks `masks` ({id(mask layer): bool array}) instead of its own: what a
+    pruning decision would buy, before it is made."""
+    all_kept = {key: np.ones_like(mask) for key, mask in graph.masks.items()}
+    dense = sum(row[1] for row in layer_costs(graph, effective_units(graph, all_kept), reference=True))
+    kept = sum(row[1] for row in layer_costs(graph, effective_units(graph, masks)))
+    return dense / kept if kept else math.inf

@@ -71,6 +71,11 @@ class Method:
         num_train_examples: N, the training-set size that scales the KL (needed to prune).
         bayesian: the backbone's weights are Gaussian (`layers.GaussianDense`, ...).
         needs_pretrained: the method starts from a trained standard model (pre_at).
+        target_flops_speedup: for a method with masks, prune to at least this many times
+            fewer FLOPs: the KL's weight adapts until the network is there, then the
+            masks are frozen and the weights fine-tuned (`trainers.compression`).
+        finetune_fraction: with a target, the fraction of the epochs that fine-tunes the
+            frozen network.
     """
 
     # The loss terms a step may report; RobustModel keeps a running mean of each.
@@ -92,6 +97,8 @@ class Method:
         num_train_examples=None,
         bayesian=False,
         needs_pretrained=False,
+        target_flops_speedup=None,
+        finetune_fraction=0.3,
     ):
         for field, value in (("adv_weight", adv_weight), ("beta_kl", beta_kl),
                              ("lambda_vs", lambda_vs), ("weight_decay", weight_decay)):
@@ -104,6 +111,14 @@ class Method:
                 f"method {name!r} prunes, so it needs num_train_examples (the training-set "
                 "size N that scales the KL term beta * KL / N)."
             )
+        if target_flops_speedup is not None:
+            if not prunes:
+                raise ValueError(f"method {name!r} has no masks to prune to target_flops_speedup; "
+                                 "use bp, anp or anp_vs.")
+            if not target_flops_speedup > 1:
+                raise ValueError(f"target_flops_speedup must be > 1 (times fewer FLOPs), got {target_flops_speedup}.")
+        if not 0 <= finetune_fraction < 1:
+            raise ValueError(f"finetune_fraction must be in [0, 1), got {finetune_fraction}.")
         self.name = name
         self.adversarial = bool(adversarial)
         self.prunes = bool(prunes)
@@ -116,6 +131,8 @@ class Method:
         self.num_train_examples = num_train_examples
         self.bayesian = bool(bayesian)
         self.needs_pretrained = bool(needs_pretrained)
+        self.target_flops_speedup = float(target_flops_speedup) if target_flops_speedup is not None else None
+        self.finetune_fraction = float(finetune_fraction)
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r})"
@@ -123,11 +140,33 @@ class Method:
     # -- hooks a subclass may override ---------------------------------------------------
 
     def build(self, model):
-        """Create any state the method keeps (variables), under the model's strategy scope."""
+        """Create any state the method keeps (variables), under the model's strategy scope.
+
+        A FLOPs target keeps the KL's multiplier (`trainers.compression`)."""
+        if self.target_flops_speedup is None:
+            return {}
+        return {"kl_multiplier": keras.Variable(1.0, trainable=False, dtype="float32", name="kl_multiplier")}
 
     def callbacks(self, model):
-        """Keras callbacks the method needs during `fit` (RobustModel.fit adds them)."""
-        return []
+        """Keras callbacks the method needs during `fit` (RobustModel.fit adds them): with
+        masks, the per-epoch unit counts, and the schedule of a FLOPs target."""
+        from anp_vs_tf.trainers.compression import CompressionSchedule, PruningMonitor
+
+        if not self.prunes:
+            return []
+        schedule = [CompressionSchedule(self, model)] if self.target_flops_speedup is not None else []
+        return schedule + [PruningMonitor(model)]
+
+    def kl_penalty(self, model, kl):
+        """beta KL / N; with a FLOPs target, plus (m - 1) beta KL_flops / N, the multiplier m's
+        pressure on each unit in proportion to its FLOPs (`trainers.compression`)."""
+        penalty = self.beta_kl * kl / float(self.num_train_examples)
+        multiplier = model.method_state.get("kl_multiplier")
+        if multiplier is None:
+            return penalty
+        kl_flops = model.kl_divergence(model.target_kl_weights)
+        extra = tf.convert_to_tensor(multiplier) - 1.0
+        return penalty + extra * self.beta_kl * kl_flops / float(self.num_train_examples)
 
     def after_update(self, model):
         """Runs in the compiled step after both optimizers have applied their updates."""
@@ -159,7 +198,7 @@ class Method:
         regularizer = self.weight_decay * model.kernel_l2()
         if self.prunes:
             terms["kl"] = model.kl_divergence()
-            regularizer += self.beta_kl * terms["kl"] / float(self.num_train_examples)
+            regularizer += self.kl_penalty(model, terms["kl"])
         loss = classification + regularizer
         if views.latents_adv is not None and views.latents:
             terms["vulnerability"] = network_vulnerability(views.latents, views.latents_adv)
@@ -195,6 +234,8 @@ class Method:
             num_train_examples=self.num_train_examples,
             bayesian=self.bayesian,
             needs_pretrained=self.needs_pretrained,
+            target_flops_speedup=self.target_flops_speedup,
+            finetune_fraction=self.finetune_fraction,
         )
 
     @classmethod

@@ -96,7 +96,11 @@ class RobustModel(keras.Model):
         # Per mask layer, the weight of its units' KL: None for the paper's uniform KL.
         self.kl_weights = (kl_weights(backbone, self.method.kl_weighting)
                            if self.method.prunes and self.method.kl_weighting != "uniform" else None)
+        # A FLOPs target's multiplier presses on each unit by its FLOPs (trainers.compression).
+        self.target_kl_weights = (kl_weights(backbone, "flops")
+                                  if getattr(self.method, "target_flops_speedup", None) else None)
         self.mask_optimizer = None
+        self._trains_masks = self.method.prunes
         # Variables a method keeps (ADMM's duals and masks), saved with the model.
         self.method_state = self.method.build(self) or {}
         # The backbone is a functional model and comes built; being built from the start
@@ -174,12 +178,14 @@ class RobustModel(keras.Model):
         masks = {id(v) for v in self.mask_variables}
         return [v for v in self.backbone.trainable_variables if id(v) not in masks]
 
-    def kl_divergence(self):
+    def kl_divergence(self, weights="method"):
         """Total KL of the Beta-Bernoulli masks (zero for a backbone without them), each
-        layer's weighted by the cost of its units if the method says so (`kl_weighting`)."""
+        layer's weighted by the cost of its units if the method says so (`kl_weighting`),
+        or by `weights` ({mask layer name: weight}, None for none) if given."""
+        weights = self.kl_weights if weights == "method" else weights
         kls = [layer.kl_divergence() for layer in self.mask_layers]
-        if self.kl_weights is not None:
-            kls = [self.kl_weights[layer.name] * kl for layer, kl in zip(self.mask_layers, kls)]
+        if weights is not None:
+            kls = [weights[layer.name] * kl for layer, kl in zip(self.mask_layers, kls)]
         return tf.add_n(kls) if kls else tf.constant(0.0)
 
     @property
@@ -280,7 +286,10 @@ class RobustModel(keras.Model):
         (a resumed run finishing an interrupted epoch); method schedules use it.
         """
         self.planned_epochs = total_epochs if total_epochs is not None else kwargs.get("epochs", 1)
-        callbacks = list(callbacks or []) + list(self.method.callbacks(self))
+        # The method's callbacks come first, so that what they change at the end of an
+        # epoch (a phase, a frozen mask, logged unit counts) is in that epoch's
+        # checkpoint, logs, History and TensorBoard.
+        callbacks = list(self.method.callbacks(self)) + list(callbacks or [])
         data = args[0] if args else kwargs.get("x")
         if isinstance(data, tf.data.Dataset):
             # Keras ignores `shuffle` for a data set (it comes shuffled, as ours do) but
@@ -321,6 +330,21 @@ class RobustModel(keras.Model):
     def _logs(self, names):
         return {n: self.trackers[n].result() for n in names}
 
+    def masks_frozen(self):
+        """Whether every mask layer is frozen (`BetaBernoulliDropout.freeze`): the masks are
+        then fixed and only the weights train. Read eagerly, between steps."""
+        layers = self.mask_layers
+        return bool(layers) and all(bool(layer.is_frozen()) for layer in layers)
+
+    def make_train_function(self, force=False):
+        """Keras' compiled step, retraced when the masks have been frozen since the last
+        trace, so that a frozen model's step no longer computes or applies mask updates."""
+        trains_masks = self.method.prunes and not self.masks_frozen()
+        if trains_masks != getattr(self, "_trains_masks", None):
+            self._trains_masks = trains_masks
+            force = True
+        return super().make_train_function(force=force)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if sample_weight is not None:
@@ -328,7 +352,8 @@ class RobustModel(keras.Model):
         x_adv = self.method.adversarial_examples(self, x, y, self.step_seed(_ATTACK_STREAM))
         # Gradients are summed over replicas, so each replica's share is 1/R.
         replica_share = 1.0 / tf.distribute.get_strategy().num_replicas_in_sync
-        weights, masks = self.weight_variables, self.mask_variables
+        weights = self.weight_variables
+        masks = self.mask_variables if self._trains_masks else []
         with tf.GradientTape(persistent=True) as tape:
             views = self.forward_views(x, x_adv, self.step_seed(_MASK_STREAM))
             terms = self.method.losses(self, views, y)
@@ -349,7 +374,7 @@ class RobustModel(keras.Model):
             names.append("acc_adv")
             self.trackers["acc_adv"].update_state(_correct(y, views.logits_adv))
         logs = self._logs(names)
-        if masks:
+        if self.mask_layers:
             logs["sparsity"] = self.sparsity()
         return distribute.step_logs_for_keras(logs)
 
