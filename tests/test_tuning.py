@@ -74,10 +74,13 @@ def test_three_trials_resume_after_two_and_the_best_flagfile_trains(tmp_path, da
         robust, sparsity, score = (float(row[k]) for k in ("val_acc_adv", "val_sparsity", "val_score"))
         assert 0.0 <= robust <= 1.0
         assert score == pytest.approx(robust if sparsity >= 1.0 else robust - 1.0, abs=1e-6)
-    best = max(rows, key=lambda r: float(r["val_score"]))
+    # Trials can tie on 600 images (same robust accuracy, both short of the sparsity goal);
+    # keras-tuner then picks any of them, so the flagfile must hold one of the best.
+    top = max(float(r["val_score"]) for r in rows)
+    best = [r for r in rows if float(r["val_score"]) == top]
 
     flagfile = (out / "best.cfg").read_text()
-    assert f"--lambda_vs={best['lambda_vs']}" in flagfile
+    assert any(f"--lambda_vs={r['lambda_vs']}" in flagfile for r in best), (best, flagfile)
     assert "--validation_examples=0" in flagfile and "--max_trials" not in flagfile
     trained = run_cli(f"--flagfile={out / 'best.cfg'}", f"--out_dir={tmp_path / 'best'}", "--test_subset=100",
                       "--eval_pgd_steps=2", "--sanity_examples=0", "--plots=false",
