@@ -49,6 +49,7 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
         kl_weighting=config.kl_weighting,
         # The target is the pruned model's: the base model a run pretrains has no masks.
         target_flops_speedup=config.target_flops_speedup if method_switches(method_name)["prunes"] else None,
+        target_memory_pct=config.target_memory_pct if method_switches(method_name)["prunes"] else None,
         finetune_fraction=config.finetune_fraction,
         lambda_vs=config.lambda_vs,
         weight_decay=config.weight_decay,

@@ -66,6 +66,7 @@ class RunConfig:
     beta_kl: Optional[float] = None
     kl_weighting: str = "uniform"
     target_flops_speedup: Optional[float] = None
+    target_memory_pct: Optional[float] = None
     finetune_fraction: float = 0.3
     lambda_vs: Optional[float] = None
     weight_decay: float = 1e-4
@@ -140,11 +141,17 @@ class RunConfig:
         need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
         need(self.kl_weighting in KL_WEIGHTINGS,
              f"unknown kl_weighting {self.kl_weighting!r}; choose one of {', '.join(KL_WEIGHTINGS)}.")
+        for flag in ("target_flops_speedup", "target_memory_pct"):
+            if getattr(self, flag) is not None:
+                need(method_switches(self.method)["prunes"],
+                     f"--{flag} prunes with masks, and {self.method} has none: use bp, anp or anp_vs.")
         if self.target_flops_speedup is not None:
-            need(method_switches(self.method)["prunes"],
-                 f"--target_flops_speedup prunes with masks, and {self.method} has none: use bp, anp or anp_vs.")
             need(self.target_flops_speedup > 1,
                  f"--target_flops_speedup is a factor of fewer FLOPs, > 1; got {self.target_flops_speedup}.")
+        if self.target_memory_pct is not None:
+            need(0 < self.target_memory_pct < 100,
+                 f"--target_memory_pct is a percentage of the dense network's memory, in (0, 100); "
+                 f"got {self.target_memory_pct}.")
         need(0 <= self.finetune_fraction < 1,
              f"finetune_fraction is a fraction of the epochs in [0, 1), got {self.finetune_fraction}.")
         for name in ("adv_weight", "beta_kl", "lambda_vs", "weight_decay"):

@@ -28,6 +28,7 @@ from anp_vs_tf import checkpointing, data, distribute, evaluation, precision, re
 from anp_vs_tf.building import build, eval_attack, load_bb_source, load_data, load_model_file
 from anp_vs_tf.config import RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted
+from anp_vs_tf.metrics import complexity
 from anp_vs_tf.files import write_json
 from anp_vs_tf.run_dir import check_out_dir, prepare_out_dir
 from anp_vs_tf.trainers import method_switches
@@ -117,12 +118,16 @@ def train_and_evaluate(config, splits, out_dir, method_name=None, init_from=None
     model_path = os.path.join(model_dir, "model.keras")
     model.save(model_path)
     metrics = measure(model, splits, config, out_dir, bb_source)
-    target = model.method.target_flops_speedup
-    if target is not None:
-        metrics.update(target_flops_speedup=target, target_met=bool(metrics["flops_speedup"] >= target))
-        if not metrics["target_met"]:
-            warn(f"the pruned network has {metrics['flops_speedup']:.2f}x fewer FLOPs, short of "
-                 f"--target_flops_speedup={target:g}: no choice of units reaches it.")
+    targets = model.method.targets
+    if targets:
+        deployed = complexity(model.backbone)
+        missed = [t for t in targets if not t.met(deployed)]
+        metrics.update(target_flops_speedup=model.method.target_flops_speedup,
+                       target_memory_pct=model.method.target_memory_pct, target_met=not missed)
+        if missed:
+            warn(f"the pruned network has {deployed.flops_speedup:.2f}x fewer FLOPs and {deployed.memory_pct:.2f}% "
+                 f"of the memory, short of its target ({', '.join(f'{t.kind} {t.value:g}' for t in missed)}): "
+                 "no choice of units meets it.")
     metrics.update(
         method=model.method.name,
         model=config.model,

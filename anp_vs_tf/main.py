@@ -53,8 +53,11 @@ flags.DEFINE_float("target_flops_speedup", None,
                    "Prune to at least this many times fewer FLOPs (bp, anp, anp_vs): the KL's weight "
                    "adapts until the network is there, then the masks are frozen and the weights "
                    "fine-tuned for the last --finetune_fraction of the epochs.")
+flags.DEFINE_float("target_memory_pct", None,
+                   "Prune to at most this percentage of the dense network's memory (params plus "
+                   "activations; bp, anp, anp_vs), as --target_flops_speedup does; either or both.")
 flags.DEFINE_float("finetune_fraction", 0.3,
-                   "With --target_flops_speedup, the fraction of the epochs that fine-tunes the frozen network.")
+                   "With a target, the fraction of the epochs that fine-tunes the frozen network.")
 flags.DEFINE_float("lambda_vs", None, "lambda: weight of the vulnerability suppression loss (default: per dataset).")
 flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay on the kernels.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate of the weights.")

@@ -47,7 +47,7 @@ from anp_vs_tf.metrics import attack_evaluation
 
 METHODS = ("standard", "bp", "at", "at_vs", "anp", "anp_vs", "pre_at", "trades", "admm", "at_bnn")
 FROM_BASE = ("bp", "anp", "anp_vs", "pre_at", "admm")
-MASKED = ("bp", "anp", "anp_vs")  # the methods a --target_flops_speedup applies to
+MASKED = ("bp", "anp", "anp_vs")  # the methods a --target_flops_speedup / --target_memory_pct applies to
 # Evaluation cost in PGD-40 passes over the test set: white box, black box (the attack
 # runs on the source), the gradient-masking checks on 500 examples, FGSM.
 EVAL_PASSES = 1.0 + 1.0 + 0.35 + 0.05
@@ -123,12 +123,13 @@ def plan_epochs(budget_s, per_epoch, pgd40_pass, bnn_samples):
     return epochs
 
 
-def run_method(base, name, out_dir, base_model, source_model, target_flops_speedup=None):
+def run_method(base, name, out_dir, base_model, source_model, target_flops_speedup=None, target_memory_pct=None):
     config = dataclasses.replace(
         base, method=name, out_dir=os.path.join(out_dir, name),
         init_from=base_model if name in FROM_BASE else None,
         bb_source=source_model,
         target_flops_speedup=target_flops_speedup if name in MASKED else None,
+        target_memory_pct=target_memory_pct if name in MASKED else None,
     )
     if os.path.exists(os.path.join(config.out_dir, "metrics.json")):
         print(f"{name}: already measured, skipped", flush=True)
@@ -148,6 +149,8 @@ def main(argv=None):
     parser.add_argument("--target_flops_speedup", type=float,
                         help="prune bp, anp and anp_vs to this FLOPs budget (trainers.compression); "
                              "default: the paper's beta alone")
+    parser.add_argument("--target_memory_pct", type=float,
+                        help="prune bp, anp and anp_vs to at most this %% of the dense memory; default: none")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -178,7 +181,8 @@ def main(argv=None):
     source_model = os.path.join(source.out_dir, "model.keras")
     base_model = os.path.join(args.out_dir, "standard", "model.keras")
     for name in METHODS:  # standard first: it is the base the pruning methods start from
-        run_method(base, name, args.out_dir, base_model, source_model, args.target_flops_speedup)
+        run_method(base, name, args.out_dir, base_model, source_model,
+                   args.target_flops_speedup, args.target_memory_pct)
 
     runs = [os.path.join(args.out_dir, name) for name in METHODS]
     status = report.main(runs + ["--markdown", os.path.join(args.out_dir, "table.md"),

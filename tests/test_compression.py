@@ -1,10 +1,10 @@
-"""Pruning to a FLOPs target (trainers.compression): frozen masks, the multiplier, the run.
+"""Pruning to a FLOPs or memory target (trainers.compression): frozen masks, the multipliers, the run.
 
 Independent checks: a frozen unit's output is exactly zero, in training and at
 inference, and its mask parameters stay bit for bit as they were through fine-tuning;
 the freeze's choice of units is checked against a brute-force search over how many of
 the lowest-E[pi] units to drop; a short real MNIST run with a target ends at or beyond
-it (measured by `complexity`, not by the schedule's own count); the paper's uniform KL
+it (measured by `complexity`, not by the schedule's own count), a memory target too; the paper's uniform KL
 loss is the same number as the formula beta * KL / N written out.
 """
 
@@ -23,10 +23,14 @@ from anp_vs_tf.metrics.complexity import flops_speedup_with
 from anp_vs_tf.metrics.effective_units import pruning_graph
 from anp_vs_tf.trainers import RobustModel, get_method
 from anp_vs_tf.trainers import compression
+from anp_vs_tf.trainers.compression import Target
 from anp_vs_tf.trainers.methods import Views
+
+FLOPS_3 = [Target("flops", 3.0)]
 
 
 def _model(method="anp_vs", target=None, a_init=10.0, **kwargs):
+    """target: the FLOPs speed-up; a memory target goes in kwargs (target_memory_pct)."""
     keras.utils.set_random_seed(0)
     backbone = models.lenet5_caffe(prunable=True, mask_kwargs=dict(a_init=a_init, seed=0))
     method = get_method(method, num_train_examples=2000, beta_kl=15.0, target_flops_speedup=target, **kwargs)
@@ -65,7 +69,7 @@ def test_hard_pruned_units_stay_zero_through_fine_tuning_and_their_masks_no_long
     x, y = x[:512], y[:512]
     model = _model("anp_vs", a_init=2.0)
     _spread_masks(model)
-    compression.freeze_to_target(model, 3.0)
+    compression.freeze_to_target(model, FLOPS_3)
     frozen = {l.name: (l.a_uc.numpy().copy(), l.b_uc.numpy().copy(), l.frozen_mask.numpy().copy())
               for l in model.mask_layers}
     kernels_before = [k.numpy().copy() for k in model.kernel_variables]
@@ -98,7 +102,8 @@ def test_the_freeze_drops_the_fewest_units_of_lowest_probability_per_flop_that_r
     # Hand counts (tests/test_unit_costs.py): the FLOPs of one unit of each mask layer.
     costs = {id(model.backbone.get_layer(n)): c for n, c in
              (("conv1_bbd", 190_528), ("conv2_bbd", 80_192), ("flatten_bbd", 1_000), ("dense1_bbd", 1_622))}
-    masks, speedup = compression.units_to_reach(graph, target, costs)
+    masks, report = compression.units_to_reach(graph, [Target("flops", target)], {"flops": costs})
+    speedup = report.flops_speedup
     assert speedup >= target
     # Brute force over k: drop the k units of lowest E[pi] per FLOP (each layer keeps its best).
     keep = {id(l): l.keep_probability().numpy() for l in model.mask_layers}
@@ -117,12 +122,54 @@ def test_the_freeze_drops_the_fewest_units_of_lowest_probability_per_flop_that_r
     assert speedup == pytest.approx(speedups[-1])
 
 
+def test_a_memory_target_is_met_by_the_fewest_units_of_lowest_probability_per_unit_of_footprint():
+    from anp_vs_tf.metrics.complexity import complexity_with
+    from anp_vs_tf.metrics.unit_costs import unit_costs
+
+    model = _model(target_memory_pct=15.0)
+    _spread_masks(model, seed=5)
+    # A unit's footprint is its params plus its activation memory (each hand-counted in
+    # tests/test_unit_costs.py), what Complexity.memory_pct counts.
+    footprint, params, memory = (unit_costs(model.backbone, r) for r in ("footprint", "params", "memory"))
+    assert footprint == {name: params[name] + memory[name] for name in params}
+    graph = pruning_graph(model.backbone)
+    costs = {id(model.backbone.get_layer(name)): cost for name, cost in footprint.items()}
+    target = Target("memory", 15.0)
+    masks, report = compression.units_to_reach(graph, [target], {"footprint": costs})
+    assert report.memory_pct <= 15.0 < complexity_with(graph, graph.masks).memory_pct
+    # The fewest: keeping the last unit dropped (the highest E[pi] per footprint of those
+    # dropped) misses the target.
+    keep = {id(l): l.keep_probability().numpy() for l in model.mask_layers}
+    dropped = [(keep[key][u] / costs[key], key, u) for key in masks
+               for u in np.flatnonzero(graph.masks[key] & ~masks[key])]
+    _, key, unit = max(dropped)
+    one_more = {k: m.copy() for k, m in masks.items()}
+    one_more[key][unit] = True
+    assert complexity_with(graph, one_more).memory_pct > 15.0
+    # Both targets: the memory target's pruning comes after the FLOPs target's, and both hold.
+    both = [Target("flops", 6.0), target]
+    compression.freeze_to_target(model, both)
+    deployed = complexity(model.backbone)
+    assert all(t.met(deployed) for t in both)
+
+
+def test_the_memory_multiplier_rises_while_the_memory_is_above_its_target():
+    model = _model(target=None, target_memory_pct=10.0)
+    assert [t.multiplier_name for t in model.method.targets] == ["kl_multiplier_memory"]
+    schedule = compression.CompressionSchedule(model.method, model)
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    multiplier = model.method_state["kl_multiplier_memory"]
+    schedule.on_train_batch_end(0)  # nothing pruned: 100% of the memory
+    assert float(multiplier) == pytest.approx(math.exp(compression.RATE * math.log(100.0 / 10.0)), rel=1e-6)
+
+
 def test_the_multiplier_rises_below_the_target_and_falls_back_above_it():
     model = _model(target=4.0)
     schedule = compression.CompressionSchedule(model.method, model)
     schedule.set_model(model)
     schedule.on_train_begin()  # no params: one update per batch
-    multiplier = model.method_state["kl_multiplier"]
+    multiplier = model.method_state["kl_multiplier_flops"]
     assert float(multiplier) == 1.0
     schedule.on_train_batch_end(0)  # nothing pruned: s = 1
     assert float(multiplier) == pytest.approx(math.exp(compression.RATE * math.log(4.0)), rel=1e-6)
@@ -131,7 +178,7 @@ def test_the_multiplier_rises_below_the_target_and_falls_back_above_it():
         layer.a_uc[0].assign(5.0)
     before = float(multiplier)
     schedule.on_train_batch_end(1)
-    assert compression.anticipated_speedup(model) > 4.0
+    assert compression.anticipated_complexity(model).flops_speedup > 4.0
     assert float(multiplier) < before
     for _ in range(50):
         schedule.on_train_batch_end(2)
@@ -150,11 +197,11 @@ def test_uniform_kl_loss_is_the_formula_written_out_and_the_multiplier_scales_it
     expected = ce + (method.weight_decay * model.kernel_l2() + method.beta_kl * kl / float(method.num_train_examples))
     assert float(terms["loss"]) == float(expected)  # the same float32 number as before targets existed
     targeted = _model(target=4.0)
-    targeted.method_state["kl_multiplier"].assign(7.0)
+    targeted.method_state["kl_multiplier_flops"].assign(7.0)
     t_terms = targeted.method.losses(targeted, views, y)
     wd = targeted.method.weight_decay * targeted.kernel_l2()
     # The multiplier's extra pressure (m - 1) goes through the FLOPs-weighted KL.
-    weights = targeted.target_kl_weights
+    weights = targeted.target_kl_weights["flops"]
     kl_flops = sum(weights[l.name] * float(l.kl_divergence()) for l in targeted.mask_layers)
     expected = method.beta_kl / 2000.0 * (float(targeted.kl_divergence()) + 6.0 * kl_flops)
     assert float(t_terms["loss"] - ce - wd) == pytest.approx(expected, rel=1e-5)
@@ -168,12 +215,16 @@ def test_a_target_needs_masks_and_a_factor_above_one():
         get_method("anp_vs", num_train_examples=10, target_flops_speedup=0.5)
     with pytest.raises(ValueError, match="finetune_fraction"):
         get_method("anp_vs", num_train_examples=10, finetune_fraction=1.0)
+    with pytest.raises(ValueError, match="no masks"):
+        get_method("at", target_memory_pct=10.0)
+    with pytest.raises(ValueError, match=r"\(0, 100\)"):
+        get_method("anp_vs", num_train_examples=10, target_memory_pct=0.0)
 
 
 def test_a_frozen_model_saves_and_loads_frozen(tmp_path):
     model = _model(target=3.0)
     _spread_masks(model)
-    compression.freeze_to_target(model, 3.0)
+    compression.freeze_to_target(model, FLOPS_3)
     path = tmp_path / "frozen.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -192,20 +243,24 @@ def test_a_short_mnist_run_with_a_target_ends_beyond_it_and_logs_the_pruning(tmp
         method="anp_vs", dataset="mnist", data_dir=str(data_dir), out_dir=str(tmp_path / "run"),
         pretrain_epochs=1, epochs=3, train_subset=2000, test_subset=300, batch_size=100,
         pgd_steps=2, step_size=0.15, eval_pgd_steps=5, eval_batch_size=300, sanity_examples=0,
-        fgsm=False, beta_kl=15.0, mask_a_init=10.0, target_flops_speedup=4.0, finetune_fraction=0.34,
+        fgsm=False, beta_kl=15.0, mask_a_init=10.0, target_flops_speedup=4.0, target_memory_pct=30.0,
+        finetune_fraction=0.34,
         download=False, verbose=0,
     )
     metrics = experiment.run(config)
-    assert metrics["target_flops_speedup"] == 4.0 and metrics["target_met"] is True
-    assert metrics["flops_speedup"] >= 4.0
+    assert metrics["target_flops_speedup"] == 4.0 and metrics["target_memory_pct"] == 30.0
+    assert metrics["target_met"] is True
+    assert metrics["flops_speedup"] >= 4.0 and metrics["memory_pct"] <= 30.0
     model = keras.saving.load_model(tmp_path / "run" / "model.keras")
     assert model.masks_frozen()
-    assert complexity(model.backbone).flops_speedup >= 4.0
+    deployed = complexity(model.backbone)
+    assert deployed.flops_speedup >= 4.0 and deployed.memory_pct <= 30.0
     assert metrics["clean_acc"] > 0.3  # 60 steps of 2,000 images: well above chance (10%), not broken
     with open(tmp_path / "run" / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3
-    assert {"kept_conv1", "kept_conv2", "kept_flatten", "kept_dense1", "flops_speedup", "kl_multiplier"} <= set(rows[0])
+    assert {"kept_conv1", "kept_conv2", "kept_flatten", "kept_dense1", "flops_speedup", "memory_pct",
+            "kl_multiplier_flops", "kl_multiplier_memory"} <= set(rows[0])
     assert float(rows[-1]["flops_speedup"]) >= 4.0  # the freeze (after epoch 2) is in epoch 2's row
     assert float(rows[1]["kept_conv1"]) == float(rows[2]["kept_conv1"])  # frozen for the last epoch
     assert (tmp_path / "run" / "plots" / "pruning.png").stat().st_size > 5000
@@ -219,3 +274,7 @@ def test_the_cli_refuses_a_target_for_a_method_without_masks_before_any_work():
         RunConfig(method="at", target_flops_speedup=4.0).resolved()
     with pytest.raises(ConfigError, match="> 1"):
         RunConfig(method="anp_vs", target_flops_speedup=1.0).resolved()
+    with pytest.raises(ConfigError, match="target_memory_pct prunes with masks"):
+        RunConfig(method="trades", target_memory_pct=10.0).resolved()
+    with pytest.raises(ConfigError, match=r"in \(0, 100\)"):
+        RunConfig(method="anp_vs", target_memory_pct=100.0).resolved()

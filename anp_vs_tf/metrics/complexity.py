@@ -132,9 +132,16 @@ def complexity(model):
     runs no forward pass, so it is cheap enough to call after every epoch.
     """
     graph = pruning_graph(model)
+    return complexity_with(graph, graph.masks)
+
+
+def complexity_with(graph, masks):
+    """The `Complexity` of the network of `graph` (`pruning_graph(model)`) with the active
+    masks `masks` ({id(mask layer): bool array}) instead of its own: what a pruning
+    decision would buy, before it is made."""
     all_kept = {key: np.ones_like(mask) for key, mask in graph.masks.items()}
     dense = layer_costs(graph, effective_units(graph, all_kept), reference=True)
-    kept = layer_costs(graph, effective_units(graph, graph.masks))
+    kept = layer_costs(graph, effective_units(graph, masks))
     rows = tuple(
         LayerComplexity(
             name=node.layer.name,
@@ -154,16 +161,11 @@ def complexity(model):
             for what in ("params", "flops", "activations")
             for state in ("dense", "kept")
         },
-        n_active={layer.name: int(graph.masks[id(layer)].sum()) for layer in bb_layers},
+        n_active={layer.name: int(masks[id(layer)].sum()) for layer in bb_layers},
         n_units={layer.name: int(layer.units) for layer in bb_layers},
     )
 
 
 def flops_speedup_with(graph, masks):
-    """Dense FLOPs / FLOPs of the network of `graph` (`pruning_graph(model)`) with the
-    active masks `masks` ({id(mask layer): bool array}) instead of its own: what a
-    pruning decision would buy, before it is made."""
-    all_kept = {key: np.ones_like(mask) for key, mask in graph.masks.items()}
-    dense = sum(row[1] for row in layer_costs(graph, effective_units(graph, all_kept), reference=True))
-    kept = sum(row[1] for row in layer_costs(graph, effective_units(graph, masks)))
-    return dense / kept if kept else math.inf
+    """Dense FLOPs / FLOPs of the network of `graph` with the active masks `masks`."""
+    return complexity_with(graph, masks).flops_speedup

@@ -9,8 +9,9 @@ total pressure is unchanged: sum over units of the weights = the number of units
 uniform KL's.
 
 The cost of a unit is its marginal cost in the dense network: the network's params,
-FLOPs or activation memory (`metrics.layer_costs`' conventions) with every unit kept,
-minus the same with that one unit pruned. The units of one mask are interchangeable
+FLOPs, activation memory or footprint (params + activation memory, what
+`Complexity.memory_pct` counts; `metrics.layer_costs`' conventions) with every unit
+kept, minus the same with that one unit pruned. The units of one mask are interchangeable
 (each layer prices its units alike), so one unit per mask is priced.
 """
 
@@ -20,9 +21,9 @@ from anp_vs_tf.layers.beta_bernoulli import BetaBernoulliDropout
 from anp_vs_tf.metrics.effective_units import effective_units, pruning_graph
 from anp_vs_tf.metrics.layer_costs import layer_costs
 
-RESOURCES = ("flops", "params", "memory")
+RESOURCES = ("flops", "params", "memory", "footprint")
 KL_WEIGHTINGS = ("uniform",) + RESOURCES
-_COLUMN = {"params": 0, "flops": 1, "memory": 2}
+_COLUMNS = {"params": (0,), "flops": (1,), "memory": (2,), "footprint": (0, 2)}
 
 
 def unit_costs(model, resource="flops"):
@@ -30,11 +31,12 @@ def unit_costs(model, resource="flops"):
     if resource not in RESOURCES:
         raise ValueError(f"resource must be one of {RESOURCES}, got {resource!r}.")
     graph = pruning_graph(model)
-    column = _COLUMN[resource]
+    columns = _COLUMNS[resource]
     kept = {key: np.ones_like(mask) for key, mask in graph.masks.items()}
 
     def total(masks):
-        return sum(row[column] for row in layer_costs(graph, effective_units(graph, masks), reference=True))
+        rows = layer_costs(graph, effective_units(graph, masks), reference=True)
+        return sum(row[column] for row in rows for column in columns)
 
     dense = total(kept)
     costs = {}

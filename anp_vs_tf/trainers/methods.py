@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from anp_vs_tf.losses import cross_entropy
 from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
+from anp_vs_tf.trainers.compression import CompressionSchedule, PruningMonitor, Target
 from anp_vs_tf.metrics.vulnerability import network_vulnerability
 
 # name -> (class, the switches that make it that method); see `register`.
@@ -74,6 +75,8 @@ class Method:
         target_flops_speedup: for a method with masks, prune to at least this many times
             fewer FLOPs: the KL's weight adapts until the network is there, then the
             masks are frozen and the weights fine-tuned (`trainers.compression`).
+        target_memory_pct: the same for memory: at most this percentage of the dense
+            network's params plus activations (`Complexity.memory_pct`).
         finetune_fraction: with a target, the fraction of the epochs that fine-tunes the
             frozen network.
     """
@@ -98,6 +101,7 @@ class Method:
         bayesian=False,
         needs_pretrained=False,
         target_flops_speedup=None,
+        target_memory_pct=None,
         finetune_fraction=0.3,
     ):
         for field, value in (("adv_weight", adv_weight), ("beta_kl", beta_kl),
@@ -111,12 +115,13 @@ class Method:
                 f"method {name!r} prunes, so it needs num_train_examples (the training-set "
                 "size N that scales the KL term beta * KL / N)."
             )
-        if target_flops_speedup is not None:
-            if not prunes:
-                raise ValueError(f"method {name!r} has no masks to prune to target_flops_speedup; "
-                                 "use bp, anp or anp_vs.")
-            if not target_flops_speedup > 1:
-                raise ValueError(f"target_flops_speedup must be > 1 (times fewer FLOPs), got {target_flops_speedup}.")
+        for field, value in (("target_flops_speedup", target_flops_speedup), ("target_memory_pct", target_memory_pct)):
+            if value is not None and not prunes:
+                raise ValueError(f"method {name!r} has no masks to prune to {field}; use bp, anp or anp_vs.")
+        if target_flops_speedup is not None and not target_flops_speedup > 1:
+            raise ValueError(f"target_flops_speedup must be > 1 (times fewer FLOPs), got {target_flops_speedup}.")
+        if target_memory_pct is not None and not 0 < target_memory_pct < 100:
+            raise ValueError(f"target_memory_pct must be in (0, 100) (% of the dense network), got {target_memory_pct}.")
         if not 0 <= finetune_fraction < 1:
             raise ValueError(f"finetune_fraction must be in [0, 1), got {finetune_fraction}.")
         self.name = name
@@ -132,7 +137,14 @@ class Method:
         self.bayesian = bool(bayesian)
         self.needs_pretrained = bool(needs_pretrained)
         self.target_flops_speedup = float(target_flops_speedup) if target_flops_speedup is not None else None
+        self.target_memory_pct = float(target_memory_pct) if target_memory_pct is not None else None
         self.finetune_fraction = float(finetune_fraction)
+
+    @property
+    def targets(self):
+        """The budgets this method prunes to (`trainers.compression.Target`), FLOPs first."""
+        return [Target(kind, value) for kind, value in
+                (("flops", self.target_flops_speedup), ("memory", self.target_memory_pct)) if value is not None]
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r})"
@@ -142,31 +154,27 @@ class Method:
     def build(self, model):
         """Create any state the method keeps (variables), under the model's strategy scope.
 
-        A FLOPs target keeps the KL's multiplier (`trainers.compression`)."""
-        if self.target_flops_speedup is None:
-            return {}
-        return {"kl_multiplier": keras.Variable(1.0, trainable=False, dtype="float32", name="kl_multiplier")}
+        A target keeps its KL multiplier (`trainers.compression`)."""
+        return {t.multiplier_name: keras.Variable(1.0, trainable=False, dtype="float32", name=t.multiplier_name)
+                for t in self.targets}
 
     def callbacks(self, model):
         """Keras callbacks the method needs during `fit` (RobustModel.fit adds them): with
-        masks, the per-epoch unit counts, and the schedule of a FLOPs target."""
-        from anp_vs_tf.trainers.compression import CompressionSchedule, PruningMonitor
-
+        masks, the per-epoch unit counts, and the schedule of the targets."""
         if not self.prunes:
             return []
-        schedule = [CompressionSchedule(self, model)] if self.target_flops_speedup is not None else []
+        schedule = [CompressionSchedule(self, model)] if self.targets else []
         return schedule + [PruningMonitor(model)]
 
     def kl_penalty(self, model, kl):
-        """beta KL / N; with a FLOPs target, plus (m - 1) beta KL_flops / N, the multiplier m's
-        pressure on each unit in proportion to its FLOPs (`trainers.compression`)."""
-        penalty = self.beta_kl * kl / float(self.num_train_examples)
-        multiplier = model.method_state.get("kl_multiplier")
-        if multiplier is None:
-            return penalty
-        kl_flops = model.kl_divergence(model.target_kl_weights)
-        extra = tf.convert_to_tensor(multiplier) - 1.0
-        return penalty + extra * self.beta_kl * kl_flops / float(self.num_train_examples)
+        """beta KL / N; per target, plus (m - 1) beta KL_cost / N, its multiplier m's pressure
+        on each unit in proportion to what the unit costs (`trainers.compression`)."""
+        n = float(self.num_train_examples)
+        penalty = self.beta_kl * kl / n  # the paper's, the same float32 number as before targets
+        for target in self.targets:
+            extra = tf.convert_to_tensor(model.method_state[target.multiplier_name]) - 1.0
+            penalty += extra * self.beta_kl * model.kl_divergence(model.target_kl_weights[target.kind]) / n
+        return penalty
 
     def after_update(self, model):
         """Runs in the compiled step after both optimizers have applied their updates."""
@@ -235,6 +243,7 @@ class Method:
             bayesian=self.bayesian,
             needs_pretrained=self.needs_pretrained,
             target_flops_speedup=self.target_flops_speedup,
+            target_memory_pct=self.target_memory_pct,
             finetune_fraction=self.finetune_fraction,
         )
 

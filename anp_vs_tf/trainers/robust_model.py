@@ -96,9 +96,9 @@ class RobustModel(keras.Model):
         # Per mask layer, the weight of its units' KL: None for the paper's uniform KL.
         self.kl_weights = (kl_weights(backbone, self.method.kl_weighting)
                            if self.method.prunes and self.method.kl_weighting != "uniform" else None)
-        # A FLOPs target's multiplier presses on each unit by its FLOPs (trainers.compression).
-        self.target_kl_weights = (kl_weights(backbone, "flops")
-                                  if getattr(self.method, "target_flops_speedup", None) else None)
+        # A target's multiplier presses on each unit by what it costs (trainers.compression).
+        self.target_kl_weights = {t.kind: kl_weights(backbone, t.resource)
+                                  for t in getattr(self.method, "targets", ())}
         self.mask_optimizer = None
         self._trains_masks = self.method.prunes
         # Variables a method keeps (ADMM's duals and masks), saved with the model.
