@@ -88,7 +88,9 @@ def main(argv=None):
         parser.error(f"{args.out_dir} already holds a result.json; choose another --out_dir")
     if args.init_from and not os.path.exists(args.init_from):
         parser.error(f"--init_from {args.init_from} does not exist; train the base first (--method standard)")
-    overrides = {name: type(getattr(base, name))(value) for name, value in args.set}  # lambda_vs=3 stays a float
+    # lambda_vs=3 stays a float; a setting whose default is None (a target) takes the number as given
+    overrides = {name: value if getattr(base, name) is None else type(getattr(base, name))(value)
+                 for name, value in args.set}
     config = dataclasses.replace(base, method=args.method or base.method, validation_examples=args.heldout,
                                  **overrides)
 
