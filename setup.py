@@ -35,8 +35,10 @@ setup(
         # reference tests/test_evaluation.py checks ours against.
         # pytest-xdist runs the tests in two processes: much of a test's time is
         # single-threaded (tracing, starting TensorFlow in a subprocess).
+        # adversarial-robustness-toolbox: its AutoProjectedGradientDescent and SquareAttack
+        # are the references tests/test_apgd.py and tests/test_square.py check ours against.
         "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "scipy>=1.10", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6.29", "cleverhans>=4.0"],
+                 "nbformat>=5.9", "ipykernel>=6.29", "cleverhans>=4.0", "adversarial-robustness-toolbox>=1.17"],
         # benchmarks/throughput.py compares with the Adversarial Robustness Toolbox.
         "benchmarks": ["adversarial-robustness-toolbox>=1.17"],
     },

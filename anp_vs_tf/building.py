@@ -99,6 +99,13 @@ def eval_attack(config):
     return attacks.PGD(config.eps, config.eval_step_size, config.eval_pgd_steps)
 
 
+def eval_autoattack(config):
+    """The run's AutoAttack (--autoattack), or None."""
+    if config.autoattack == "none":
+        return None
+    return attacks.AutoAttack(config.eps, version=config.autoattack)
+
+
 def load_bb_source(config):
     """The black-box source model, checked before any work starts."""
     if config.bb_source is None:

@@ -36,6 +36,7 @@ DATASET_PRESETS = {
 }
 
 MODES = ("train", "eval", "export", "tune")
+AUTOATTACK_VERSIONS = ("none", "standard", "rand")  # --autoattack
 TUNERS = ("random", "bayesian", "hyperband")  # keras-tuner searches for --mode=tune
 
 
@@ -91,6 +92,8 @@ class RunConfig:
     fgsm: bool = True
     eot_samples: int = 0
     sanity_examples: int = 1000
+    autoattack: str = "none"
+    autoattack_examples: Optional[int] = None
     plots: bool = True
     tuner: str = "random"
     max_trials: int = 10
@@ -194,6 +197,10 @@ class RunConfig:
         need(self.on_bad_file in ("skip", "error"), f"on_bad_file is skip or error, got {self.on_bad_file!r}.")
         need(self.eot_samples >= 0 and self.sanity_examples >= 0,
              "eot_samples and sanity_examples must be >= 0.")
+        need(self.autoattack in AUTOATTACK_VERSIONS,
+             f"unknown autoattack {self.autoattack!r}; choose one of {', '.join(AUTOATTACK_VERSIONS)}.")
+        need(self.autoattack_examples is None or self.autoattack_examples > 0,
+             f"autoattack_examples must be positive (or unset: the whole test set), got {self.autoattack_examples}.")
         if self.bb_source is not None:
             need(os.path.exists(self.bb_source),
                  f"--bb_source {self.bb_source} does not exist; train a source model first "

@@ -7,6 +7,7 @@ bar and any distribution strategy), the gradient-masking checks and the layer wa
 """
 
 from anp_vs_tf.attacks import TransferAttack, fgsm
+from anp_vs_tf.metrics.autoattack import autoattack_evaluation
 from anp_vs_tf.metrics.complexity import complexity
 from anp_vs_tf.metrics.gradient_masking import gradient_masking_checks
 from anp_vs_tf.metrics.robustness import attack_evaluation
@@ -30,7 +31,7 @@ def _vulnerability_entries(result, names, suffix):
 
 
 def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_samples=0,
-             sanity_examples=1000, verbose=1):
+             sanity_examples=1000, autoattack=None, autoattack_examples=None, verbose=1):
     """Everything metrics.json reports about `model` on `dataset`.
 
     Args:
@@ -43,6 +44,9 @@ def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_sa
         eot_samples: if > 1 and the model has masks, PGD with expectation over this
             many mask samples attacks the stochastic network ("eot_acc").
         sanity_examples: run the gradient-masking checks on this many examples (0: skip).
+        autoattack: an `attacks.AutoAttack` to also measure ("aa_acc", "aa_attack" and
+            its checks in sanity["autoattack"]), on the first `autoattack_examples`
+            examples (None: all).
     Returns:
         a json-serializable dict: clean_acc, pgd_acc, fgsm_acc, bb_acc, eot_acc,
         vulnerability_{wb,bb} with per-layer and per-feature values, sanity checks,
@@ -78,6 +82,10 @@ def evaluate(model, dataset, adversary, fgsm_attack=True, bb_source=None, eot_sa
         metrics["eot_attack"] = attack_settings(eot)
     if sanity_examples:
         metrics["sanity"] = gradient_masking_checks(model, dataset, adversary, sanity_examples)
+    if autoattack is not None:
+        result = autoattack_evaluation(model, dataset, autoattack, examples=autoattack_examples, verbose=verbose)
+        metrics.update(aa_acc=result["aa_acc"], aa_attack=result["aa_attack"])
+        metrics.setdefault("sanity", {})["autoattack"] = result["sanity"]
     metrics.update(complexity(model.backbone).to_dict())
     metrics["weight_sparsity_pct"] = float(model.weight_sparsity())
     metrics["pruning"] = (

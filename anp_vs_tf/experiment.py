@@ -25,7 +25,7 @@ import time
 import keras
 
 from anp_vs_tf import checkpointing, data, distribute, evaluation, precision, report
-from anp_vs_tf.building import build, eval_attack, load_bb_source, load_data, load_model_file
+from anp_vs_tf.building import build, eval_attack, eval_autoattack, load_bb_source, load_data, load_model_file
 from anp_vs_tf.config import RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted
 from anp_vs_tf.metrics import complexity
@@ -40,7 +40,8 @@ def measure(model, splits, config, out_dir, bb_source=None):
     adversary = eval_attack(config)
     metrics = evaluation.evaluate(
         model, splits.test, adversary, fgsm_attack=config.fgsm, bb_source=bb_source,
-        eot_samples=config.eot_samples, sanity_examples=config.sanity_examples, verbose=config.verbose,
+        eot_samples=config.eot_samples, sanity_examples=config.sanity_examples,
+        autoattack=eval_autoattack(config), autoattack_examples=config.autoattack_examples, verbose=config.verbose,
     )
     if config.plots and distribute.is_chief():
         from anp_vs_tf import plots  # matplotlib loads only when figures are drawn

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 
 from anp_vs_tf import experiment
-from anp_vs_tf.config import DATASET_PRESETS, MODES, TUNERS, RunConfig
+from anp_vs_tf.config import AUTOATTACK_VERSIONS, DATASET_PRESETS, MODES, TUNERS, RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted, SearchFailed
 from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
 from anp_vs_tf.checkpointing import TrainingDiverged
@@ -86,6 +86,10 @@ flags.DEFINE_bool("fgsm", True, "also measure FGSM accuracy (fgsm_acc).")
 flags.DEFINE_integer("eot_samples", 0, "if > 1, also attack the stochastic network with PGD averaging the "
                      "gradient over this many mask samples (eot_acc).")
 flags.DEFINE_integer("sanity_examples", 1000, "test examples for the gradient-masking checks (0: skip).")
+flags.DEFINE_enum("autoattack", "none", list(AUTOATTACK_VERSIONS), "also evaluate with AutoAttack "
+                  "(aa_acc): standard (APGD-CE, APGD-T, FAB-T, Square) or rand (APGD-CE, APGD-DLR with "
+                  "20 draws, for the stochastic network).")
+flags.DEFINE_integer("autoattack_examples", None, "AutoAttack the first N test examples (default: all).")
 flags.DEFINE_bool("plots", True, "write the run's figures to out_dir/plots.")
 flags.DEFINE_enum("tuner", "random", list(TUNERS), "--mode=tune: keras-tuner's RandomSearch, "
                   "BayesianOptimization or Hyperband (max_epochs: --epochs).")

@@ -24,13 +24,14 @@ COLUMNS = (
     ("Clean acc.", "clean_acc", lambda v: f"{100 * v:.2f}"),
     ("Adv. acc. (WB)", "pgd_acc", lambda v: f"{100 * v:.2f}"),
     ("Adv. acc. (BB)", "bb_acc", lambda v: f"{100 * v:.2f}"),
+    ("AA", "aa_acc", lambda v: f"{100 * v:.2f}"),
     ("Vul. (WB)", "vulnerability_wb", lambda v: f"{v:.3f}"),
     ("Vul. (BB)", "vulnerability_bb", lambda v: f"{v:.3f}"),
     ("Memory", "memory_pct", lambda v: f"{v:.2f}"),
     ("xFLOPs", "flops_speedup", lambda v: f"{v:.2f}"),
     ("Sparsity", "sparsity", lambda v: f"{v:.2f}"),
 )
-PERCENT_KEYS = {"clean_acc", "pgd_acc", "bb_acc"}
+PERCENT_KEYS = {"clean_acc", "pgd_acc", "bb_acc", "aa_acc"}
 
 # The paper's names for the methods (Tables 1-3 and the ablation).
 PAPER_NAMES = {
@@ -98,14 +99,25 @@ def load_runs(paths, labels=None):
     return out
 
 
+OPTIONAL_KEYS = {"aa_acc"}  # columns shown only when some run measured them (--autoattack)
+
+
+def _columns(rows):
+    """COLUMNS, without the optional ones that no row has."""
+    present = {key for row in rows for key in OPTIONAL_KEYS if value(_row(row)[1], key) is not None}
+    return [column for column in COLUMNS if column[1] not in OPTIONAL_KEYS or column[1] in present]
+
+
 def format_table(rows):
-    """Markdown, the paper's column order, a row per (label, metrics[, run_dir]); '-' if missing."""
-    header = ["Model"] + [title for title, _, _ in COLUMNS]
+    """Markdown, the paper's column order, a row per (label, metrics[, run_dir]); '-' if missing.
+    The AA column (AutoAttack's robust accuracy) is there when some row has it."""
+    columns = _columns(rows)
+    header = ["Model"] + [title for title, _, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in rows:
         label, metrics, _ = _row(row)
         cells = [str(label).replace("|", "\\|")] + [
-            "-" if value(metrics, key) is None else fmt(value(metrics, key)) for _, key, fmt in COLUMNS
+            "-" if value(metrics, key) is None else fmt(value(metrics, key)) for _, key, fmt in columns
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -119,11 +131,12 @@ def to_csv(rows):
     """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["Model"] + [title for title, _, _ in COLUMNS] + ["run_dir", "dataset", "model"])
+    columns = _columns(rows)
+    writer.writerow(["Model"] + [title for title, _, _ in columns] + ["run_dir", "dataset", "model"])
     for row in rows:
         label, metrics, run_dir = _row(row)
         values = []
-        for _, key, _ in COLUMNS:
+        for _, key, _ in columns:
             v = value(metrics, key)  # None: absent, e.g. black-box metrics of older runs
             values.append("" if v is None else repr(float(100 * v if key in PERCENT_KEYS else v)))
         writer.writerow([label] + values + [run_dir, metrics.get("dataset", ""), metrics.get("model", "")])
