@@ -9,7 +9,12 @@
    other method for E epochs; bp, anp, anp_vs, admm and pre_at start from the base.
 4. Evaluate each with the same code: PGD-40 white box, transfer from the source, FGSM,
    vulnerability, gradient-masking checks, memory, FLOPs, sparsity (metrics.json).
-5. Write the table with anp_vs_tf.report: table.md, table.csv and the first-layer
+5. AutoAttack (standard version, same eps) on the first --autoattack_examples test
+   images of every model (`metrics.autoattack`): aa_acc, aa_attack and its checks go
+   into the model's metrics.json. This phase is outside the budget, which plans the
+   training and the PGD evaluations as before; its wall time is printed, and each
+   model's is in aa_attack["seconds"].
+6. Write the table with anp_vs_tf.report: table.md, table.csv and the first-layer
    feature-vulnerability figure, under --out_dir.
 
 Every method shares the paper's settings (eps, w_adv 2, Adam lr 1e-3 and mask lr 1e-2,
@@ -43,7 +48,9 @@ import keras
 
 from anp_vs_tf import attacks, building, data, experiment, report
 from anp_vs_tf.config import RunConfig
+from anp_vs_tf.files import write_json
 from anp_vs_tf.metrics import attack_evaluation
+from anp_vs_tf.metrics.autoattack import autoattack_evaluation
 
 METHODS = ("standard", "bp", "at", "at_vs", "anp", "anp_vs", "pre_at", "trades", "admm", "at_bnn")
 FROM_BASE = ("bp", "anp", "anp_vs", "pre_at", "admm")
@@ -138,6 +145,28 @@ def run_method(base, name, out_dir, base_model, source_model, target_flops_speed
     experiment.run(config)
 
 
+def autoattack_phase(names, out_dir, splits, eps, examples):
+    """AutoAttack every model that has no aa_acc yet; returns the minutes it took."""
+    start = time.time()
+    autoattack = attacks.AutoAttack(eps, version="standard")
+    for name in names:
+        path = os.path.join(out_dir, name, "metrics.json")
+        with open(path) as f:
+            metrics = json.load(f)
+        if "aa_acc" in metrics and metrics["aa_attack"]["examples"] >= min(examples, splits.info.num_test):
+            continue
+        keras.utils.clear_session()
+        model = building.load_model_file(os.path.join(out_dir, name, "model.keras"), "--model_path")
+        began = time.time()
+        result = autoattack_evaluation(model, splits.test, autoattack, examples=examples, verbose=1)
+        metrics.update(aa_acc=result["aa_acc"], aa_attack={**result["aa_attack"], "seconds": time.time() - began})
+        metrics.setdefault("sanity", {})["autoattack"] = result["sanity"]
+        write_json(path, metrics)
+        print(f"{name}: AutoAttack {100 * result['aa_acc']:.2f}% on {result['aa_attack']['examples']} "
+              f"({time.time() - began:.0f} s)", flush=True)
+    return (time.time() - start) / 60
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10", "cifar100"])
@@ -151,6 +180,9 @@ def main(argv=None):
                              "default: the paper's beta alone")
     parser.add_argument("--target_memory_pct", type=float,
                         help="prune bp, anp and anp_vs to at most this %% of the dense memory; default: none")
+    parser.add_argument("--autoattack_examples", type=int, default=1000,
+                        help="AutoAttack (standard) every model on this many first test images, after the "
+                             "budgeted table (0: skip)")
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -184,6 +216,10 @@ def main(argv=None):
         run_method(base, name, args.out_dir, base_model, source_model,
                    args.target_flops_speedup, args.target_memory_pct)
 
+    if args.autoattack_examples:
+        minutes = autoattack_phase(METHODS, args.out_dir, splits, base.eps, args.autoattack_examples)
+        print(f"paper_table: AutoAttack on the first {args.autoattack_examples} test images of every model, "
+              f"{minutes:.1f} min", flush=True)
     runs = [os.path.join(args.out_dir, name) for name in METHODS]
     status = report.main(runs + ["--markdown", os.path.join(args.out_dir, "table.md"),
                                  "--csv", os.path.join(args.out_dir, "table.csv"),
