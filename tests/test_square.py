@@ -281,6 +281,7 @@ def test_square_agrees_with_art_where_it_is_not_saturated(trained_lenet, mnist_s
 
 def tiny_model():
     keras = tf.keras
+    keras.utils.set_random_seed(0)  # the same weights whatever ran before in this process
     model = keras.Sequential([keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.MaxPooling2D(2),
                               keras.layers.Flatten(), keras.layers.Dense(10)])
     x = tf.random.stateless_uniform((12, 10, 10, 1), [0, 7])
