@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf import kernels, seeds
-from anp_vs_tf.attacks.pgd import NORMS, _per_example_l2
+from anp_vs_tf.attacks.pgd import NORMS, _per_example_l2, project_to_ball
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.losses import cross_entropy
 
@@ -203,12 +203,7 @@ class APGD:
 
     def project(self, x_adv, x):
         """The closest point to x_adv inside the eps-ball around x, then clipped to the valid range."""
-        delta = x_adv - x
-        if self.norm == "linf":
-            delta = tf.clip_by_value(delta, -self.eps, self.eps)
-        else:
-            delta = delta * tf.minimum(1.0, self.eps / _per_example_l2(delta))
-        return tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
+        return project_to_ball(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
 
     def _random_start(self, x, seed):
         """A point on the boundary of the ball, clipped to the valid range (as the reference)."""

@@ -21,6 +21,17 @@ def _per_example_l2(v):
     return tf.sqrt(tf.reduce_sum(tf.square(v), axis=axes, keepdims=True) + 1e-12)
 
 
+def project_to_ball(x_adv, x, eps, norm, clip_min, clip_max):
+    """The closest point to x_adv inside the eps-ball (linf or l2) around x, then clipped
+    to the valid range: the projection every attack of the package steps back with."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = tf.clip_by_value(delta, -eps, eps)
+    else:
+        delta = delta * tf.minimum(1.0, eps / _per_example_l2(delta))
+    return tf.clip_by_value(x + delta, clip_min, clip_max)
+
+
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
 class PGD:
     """L-infinity or L2 PGD with random start and per-example worst case over restarts.
@@ -111,12 +122,7 @@ class PGD:
 
     def project(self, x_adv, x):
         """The closest point to x_adv inside the eps-ball around x and the valid range."""
-        delta = x_adv - x
-        if self.norm == "linf":
-            delta = tf.clip_by_value(delta, -self.eps, self.eps)
-        else:
-            delta = delta * tf.minimum(1.0, self.eps / _per_example_l2(delta))
-        return tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
+        return project_to_ball(x_adv, x, self.eps, self.norm, self.clip_min, self.clip_max)
 
     def _random_start(self, x, seed):
         # Each example's start is its row of a draw for the global batch, whatever the
