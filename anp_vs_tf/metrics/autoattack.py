@@ -83,19 +83,18 @@ def autoattack_evaluation(model, dataset, autoattack, examples=None, batch_size=
         {"aa_acc", "aa_attack": {...}, "sanity": {...}} (see the module docstring).
     """
     staged = _Staged(autoattack)
-    if hasattr(model, "attack"):  # a RobustModel: its own choice of logits and kernels
-        attack = tf.function(lambda x, y, s: model.attack(x, y, adversary=staged, seed=s), jit_compile=False)
-    else:
-        logits_fn = model
-        attack = tf.function(lambda x, y, s: staged(logits_fn, x, y, s), jit_compile=False)
 
     def one_batch(x, y, s):
-        _, robust, sanity = attack(x, y, s)
+        if hasattr(model, "attack"):  # a RobustModel: its own choice of logits and kernels
+            _, robust, sanity = model.attack(x, y, adversary=staged, seed=s)
+        else:
+            _, robust, sanity = staged(model, x, y, s)
         return tf.reduce_sum(tf.cast(robust, tf.int32), axis=1), sanity
 
-    # Only robust examples are attacked at each stage, so the work per batch varies; the
-    # compiled call is traced once per batch shape (the last batch may be smaller).
-    one_batch = tf.function(one_batch, reduce_retracing=True, jit_compile=False)
+    # One graph per batch shape (the last batch may be smaller). Not XLA: the stages
+    # attack a batch whose size is known only at run time. The attacks' loops are
+    # tf.while_loop and tf.cond already, so AutoGraph has nothing to convert.
+    one_batch = tf.function(one_batch, reduce_retracing=True, jit_compile=False, autograph=False)
     data = _first_examples(dataset, examples, batch_size)
     names = ["clean"] + autoattack.names
     survivors = [0] * len(names)
