@@ -50,7 +50,9 @@ class AutoAttack:
         steps: iterations of APGD and FAB (100 in the reference).
         queries: Square's query budget (5,000).
         target_classes: the target classes of APGD-T and FAB-T (9).
-        eot_samples: draws per gradient in the rand version (20).
+        eot_samples: draws per gradient in the rand version (20). There an example
+            counts as correct on the mean logits of as many draws (the reference looks
+            at one draw, which counts a lucky draw as a success of the attack).
         only_robust: True attacks, at each stage, only the examples still robust (the
             reference's schedule, and the fastest); the batch then has a size known only
             when the graph runs, which XLA does not compile. False attacks every example
