@@ -66,3 +66,11 @@ def int32_seed(seed):
     """Any integer seed tensor (int64 from a `keras.random.SeedGenerator`, an optimizer's
     iteration count) as the int32 words a stateless op takes, in [0, 2**31 - 1)."""
     return tf.cast(tf.math.floormod(seed, 2**31 - 1), tf.int32)
+
+
+def attack_seed(seed=None):
+    """An attack's stateless seed as int32 words: the one given, or a fresh random one
+    when the caller passed None (then the run is not reproducible, by request)."""
+    if seed is None:
+        return tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
+    return tf.cast(seed, tf.int32)

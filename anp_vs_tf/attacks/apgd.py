@@ -20,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf import kernels, seeds
-from anp_vs_tf.attacks.pgd import NORMS, _per_example_l2, project_to_ball
+from anp_vs_tf.attacks.pgd import NORMS, _per_example_l2, project_to_ball, unless_empty
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.losses import cross_entropy
 
@@ -359,15 +359,8 @@ class APGD:
 
     def __call__(self, logits_fn, x, y, seed=None):
         """Adversarial examples for (x, y); `seed` is a stateless seed for the random starts."""
-        x = tf.convert_to_tensor(x)
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-        seed = tf.cast(seed, tf.int32)
-        if x.shape[0] == 0:
-            return tf.identity(x)
-        if x.shape[0] is None:  # the model never sees an empty batch (see PGD's `chunks`)
-            return tf.cond(tf.shape(x)[0] > 0, lambda: self._attack(logits_fn, x, y, seed), lambda: tf.identity(x))
-        return self._attack(logits_fn, x, y, seed)
+        x, seed = tf.convert_to_tensor(x), seeds.attack_seed(seed)
+        return unless_empty(x, lambda: self._attack(logits_fn, x, y, seed), lambda: tf.identity(x))
 
     def _targets(self, y, clean_logits):
         """[batch, target_classes]: the non-true classes by decreasing clean logit."""

@@ -132,9 +132,7 @@ class AutoAttack:
         after the first k attacks, shape [len(attacks) + 1, batch] (robust[0]: clean)."""
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int32)
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-        attack_seeds = seeds.split(tf.cast(seed, tf.int32), len(self.attacks))
+        attack_seeds = seeds.split(seeds.attack_seed(seed), len(self.attacks))
         check = self.eot_samples
         if x.shape[0] == 0:
             return tf.identity(x), tf.zeros([len(self.attacks) + 1, 0], tf.bool)

@@ -35,6 +35,7 @@ import keras
 import tensorflow as tf
 
 from anp_vs_tf import kernels, seeds
+from anp_vs_tf.attacks.pgd import unless_empty
 from anp_vs_tf.distribute import replica_rows
 
 NORMS = ("linf", "l2")
@@ -230,22 +231,13 @@ class FAB:
     def _guarded(self, logits_fn, x, y, seed, threshold):
         x = tf.convert_to_tensor(x)
         dtype, x = x.dtype, tf.cast(x, tf.float32)  # the attack's arithmetic is float32
-        y = tf.cast(y, tf.int32)
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-        seed = tf.cast(seed, tf.int32)
+        y, seed = tf.cast(y, tf.int32), seeds.attack_seed(seed)
 
         def nothing():
             rows = tf.shape(x)[0]
             return tf.identity(x), tf.zeros([rows], tf.float32), tf.ones([rows], tf.bool)
 
-        if x.shape[0] == 0:
-            x_adv, norms, found = nothing()
-        elif x.shape[0] is None:  # the model never sees an empty batch (see PGD's chunks)
-            x_adv, norms, found = tf.cond(tf.shape(x)[0] > 0,
-                                          lambda: self._attack(logits_fn, x, y, seed, threshold), nothing)
-        else:
-            x_adv, norms, found = self._attack(logits_fn, x, y, seed, threshold)
+        x_adv, norms, found = unless_empty(x, lambda: self._attack(logits_fn, x, y, seed, threshold), nothing)
         return tf.cast(x_adv, dtype), norms, found
 
     # -- one step ----------------------------------------------------------------------

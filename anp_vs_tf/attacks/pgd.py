@@ -32,6 +32,17 @@ def project_to_ball(x_adv, x, eps, norm, clip_min, clip_max):
     return tf.clip_by_value(x + delta, clip_min, clip_max)
 
 
+def unless_empty(x, attack, nothing):
+    """`attack()` on a batch that may be empty, `nothing()` when it is: the model never
+    sees an empty batch (a convolution on zero rows fails on some devices), whether the
+    batch size is known when tracing or only at run time."""
+    if x.shape[0] == 0:
+        return nothing()
+    if x.shape[0] is None:
+        return tf.cond(tf.shape(x)[0] > 0, attack, nothing)
+    return attack()
+
+
 @keras.saving.register_keras_serializable(package="anp_vs_tf")
 class PGD:
     """L-infinity or L2 PGD with random start and per-example worst case over restarts.
@@ -229,15 +240,8 @@ class PGD:
 
     def __call__(self, logits_fn, x, y, seed=None):
         """Adversarial examples for (x, y); `seed` is a stateless seed for the random start."""
-        x = tf.convert_to_tensor(x)
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-        seed = tf.cast(seed, tf.int32)
-        if x.shape[0] == 0:
-            return tf.identity(x)
-        if x.shape[0] is None:  # the model never sees an empty batch (see `chunks`)
-            return tf.cond(tf.shape(x)[0] > 0, lambda: self._attack(logits_fn, x, y, seed), lambda: tf.identity(x))
-        return self._attack(logits_fn, x, y, seed)
+        x, seed = tf.convert_to_tensor(x), seeds.attack_seed(seed)
+        return unless_empty(x, lambda: self._attack(logits_fn, x, y, seed), lambda: tf.identity(x))
 
     def _attack(self, logits_fn, x, y, seed):
         if self.restarts == 1:

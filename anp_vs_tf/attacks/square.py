@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from anp_vs_tf import seeds
-from anp_vs_tf.attacks.pgd import NORMS
+from anp_vs_tf.attacks.pgd import NORMS, unless_empty
 from anp_vs_tf.distribute import replica_rows
 from anp_vs_tf.losses import cross_entropy
 
@@ -205,18 +205,9 @@ class Square:
         y = tf.convert_to_tensor(y)
         if len(x.shape) != 4 or not x.shape[1:].is_fully_defined():
             raise ValueError(f"Square attacks batches of images of known shape [batch, h, w, c], got {x.shape}.")
-        if seed is None:
-            seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-        seed = tf.cast(seed, tf.int32)
-
-        def nothing():
-            return tf.identity(x), tf.zeros([0], tf.int32)
-
-        if x.shape[0] == 0:
-            return nothing()
-        if x.shape[0] is None:  # the model never sees an empty batch
-            return tf.cond(tf.shape(x)[0] > 0, lambda: self._attack(logits_fn, x, y, seed), nothing)
-        return self._attack(logits_fn, x, y, seed)
+        seed = seeds.attack_seed(seed)
+        return unless_empty(x, lambda: self._attack(logits_fn, x, y, seed),
+                            lambda: (tf.identity(x), tf.zeros([0], tf.int32)))
 
     def _attack(self, logits_fn, x, y, seed):
         x_work = tf.cast(x, tf.float32)
