@@ -11,12 +11,16 @@ into the *consumer*, the next Conv2D / Dense, whose input weights for c are mult
 by m_c. On the way there the scale may only pass layers that commute with a
 non-negative per-channel scale (`models.graph.commutes_with_scale`): ReLU (max_value
 None, threshold 0), max / average / global pooling, Flatten (the scale repeats at every
-position of its channel), Dropout and another mask. Anything else between a mask and
-its consumer (BatchNormalization, Normalization, a non-ReLU activation, the model
-output) raises ValueError. This is
-exact for every graph of the zoo: LeNet `Conv(relu) -> mask -> pool -> Conv` and
-`pool -> Flatten -> mask -> Dense`, VGG `Conv -> BN -> ReLU -> mask -> [pool] -> Conv`,
-dense `Dense -> [BN] -> ReLU -> mask -> Dense`.
+position of its channel), zero padding, Dropout and another mask; a DepthwiseConv2D
+takes it into its per-channel kernels, a Concatenate joins the scales of its inputs,
+and before an Add (a sum of branches, which no scale passes) it becomes a `Rescaling`
+by the mask values. Anything else between a mask and its consumer
+(BatchNormalization, Normalization, a non-ReLU activation, the model output) raises
+ValueError. This is exact for every graph of the zoo: LeNet `Conv(relu) -> mask ->
+pool -> Conv` and `pool -> Flatten -> mask -> Dense`, VGG `Conv -> BN -> ReLU -> mask
+-> [pool] -> Conv`, dense `Dense -> [BN] -> ReLU -> mask -> Dense`, and the residual
+nets of `models.make_prunable`, where one mask serves every reader of a channel group
+and the inputs of an Add keep the same channels.
 
 Pruned units are dropped at both ends: the producer keeps kernel[..., kept], bias[kept]
 and each BatchNormalization keeps gamma, beta and moving statistics [kept]; the
@@ -38,7 +42,7 @@ L = keras.layers
 
 # Channelwise layers copied as they are (config only, no weights to slice).
 _COPIED = (L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.GlobalMaxPooling2D, L.ReLU,
-           L.Activation)
+           L.Activation, L.ZeroPadding2D)
 
 
 def compact(model):
@@ -118,6 +122,10 @@ class _Builder:
             if not np.array_equal(kept_out, present):
                 y = SelectFeatures(np.flatnonzero(kept_out[present]), name=f"{layer.name}_kept")(y)
             return y, None if scale is None else np.tile(scale, positions)
+        if isinstance(layer, L.Add):
+            return self._add(node, inputs, kept_out)
+        if isinstance(layer, L.Concatenate):
+            return self._concatenate(node, inputs, kept_out)
         if isinstance(layer, SelectFeatures):  # compacting a compact model
             wanted = np.asarray(layer.indices)[kept_out]  # input features the kept outputs read
             indices = np.searchsorted(np.flatnonzero(kept_in), wanted)
@@ -127,6 +135,8 @@ class _Builder:
             return SelectFeatures(indices, name=layer.name)(x), scale
         if not np.array_equal(kept_in, kept_out):
             raise ValueError(f"{layer.name} ({type(layer).__name__}) changes which units are kept; not supported.")
+        if isinstance(layer, L.DepthwiseConv2D):
+            return self._depthwise(layer, x, scale, kept_out), None
         if isinstance(layer, L.BatchNormalization):
             _no_pending(layer, scale)
             new = L.BatchNormalization.from_config(layer.get_config())  # plain Keras layers only
@@ -147,9 +157,47 @@ class _Builder:
             return _copy(layer)(x), scale
         raise ValueError(
             f"{layer.name} ({type(layer).__name__}) is not supported by compact(); supported: "
-            "InputLayer, Normalization, Rescaling, Conv2D, Dense, BatchNormalization, ReLU, "
-            "Activation, pooling, Flatten, SelectFeatures, Dropout, BetaBernoulliDropout."
+            "InputLayer, Normalization, Rescaling, Conv2D, DepthwiseConv2D, Dense, BatchNormalization, "
+            "ReLU, Activation, pooling, ZeroPadding2D, Flatten, Add, Concatenate, SelectFeatures, "
+            "Dropout, BetaBernoulliDropout."
         )
+
+    def _add(self, node, inputs, kept_out):
+        """An Add of the kept channels; a pending scale cannot pass a sum, so it is applied
+        before it (a Rescaling by the mask values)."""
+        terms = []
+        for tensor, (x, scale) in zip(node.inputs, inputs):
+            kept_in = self.kept[id(tensor)]  # a subset of kept_out (metrics.effective_units)
+            if not np.array_equal(kept_in, kept_out):
+                raise ValueError(
+                    f"{node.layer.name}: the inputs of the Add keep different channels ({int(kept_in.sum())} of "
+                    f"{int(kept_out.sum())}); compact() needs one mask for all the channels an Add ties together "
+                    "(models.make_prunable gives that).")
+            if scale is not None:
+                x = L.Rescaling(scale[kept_in].astype(np.float32), name=f"{node.layer.name}_scale{len(terms)}")(x)
+            terms.append(x)
+        return _copy(node.layer)(terms), None
+
+    def _concatenate(self, node, inputs, kept_out):
+        """The kept channels of each input, joined; pending scales join too (1 where none)."""
+        scales = [np.ones(int(t.shape[-1])) if scale is None else scale  # over all channels, as pending scales are
+                  for t, (_, scale) in zip(node.inputs, inputs)]
+        pending = None if all(scale is None for _, scale in inputs) else np.concatenate(scales)
+        return _copy(node.layer)([x for x, _ in inputs]), pending
+
+    @staticmethod
+    def _depthwise(layer, x, scale, kept):
+        """DepthwiseConv2D on the kept channels, a pending scale folded into their kernels."""
+        kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)  # (kh, kw, channels, 1)
+        if scale is not None:
+            kernel = kernel * scale[:, None]
+        weights = [kernel[:, :, kept, :].astype(np.float32)]
+        if layer.use_bias:
+            weights.append(keras.ops.convert_to_numpy(layer.bias)[kept])
+        new = L.DepthwiseConv2D.from_config(layer.get_config())
+        y = new(x)
+        new.set_weights(weights)
+        return y
 
     @staticmethod
     def _linear(layer, x, scale, kept_in, kept_out):

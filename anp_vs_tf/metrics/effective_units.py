@@ -8,19 +8,24 @@ or a channel of a channel-last map) of every tensor whether it is
 
     alive:  can be non-zero. Conv2D / Dense / BatchNormalization / Normalization
             outputs are alive everywhere (bias, BN(0) != 0); a BetaBernoulliDropout
-            keeps `input alive AND active_mask`; Add is the OR of its inputs; the
-            other layers keep their input's aliveness (an Activation, or a Rescaling
-            with an offset, that maps 0 to non-zero makes everything alive).
+            keeps `input alive AND active_mask`; Add is the OR of its inputs,
+            Concatenate joins them; a DepthwiseConv2D with a bias is alive everywhere;
+            the other layers keep their input's aliveness (an Activation, or a
+            Rescaling with an offset, that maps 0 to non-zero makes everything alive).
     needed: reaches the logits. Conv2D / Dense need all their inputs iff any output
             is needed; a BetaBernoulliDropout needs `output needed AND active_mask`;
-            Add hands its output's needs to every input; the other layers pass needs
-            back unchanged (Flatten: a channel is needed if any of its positions is;
-            SelectFeatures: only the selected features, as needed as their outputs).
+            Add hands its output's needs to every input, Concatenate each input its
+            slice; the other layers (DepthwiseConv2D too) pass needs back unchanged
+            (Flatten: a channel is needed if any of its positions is; SelectFeatures:
+            only the selected features, as needed as their outputs).
 
 A unit is *effective* (deployed) iff alive AND needed. "Needed" starts from the `logits`
 entry when the model outputs a dict that has one (the `latents` are analysis outputs),
 otherwise from all outputs. `metrics.complexity` counts the costs of effective units
 only and `export.compact` keeps only them.
+
+A mask layer may be called on several tensors: one mask for a group of channels that a
+residual `Add` ties together (`models.make_prunable`), applied wherever the group is read.
 """
 
 import dataclasses
@@ -53,8 +58,11 @@ _CHANNELWISE = (
     L.Rescaling,
     L.BatchNormalization,
     L.Normalization,
+    L.ZeroPadding2D,
+    L.DepthwiseConv2D,
 )
-SUPPORTED = (L.InputLayer, L.Flatten, L.Add, BetaBernoulliDropout, SelectFeatures) + LINEAR + GAUSSIAN + _CHANNELWISE
+SUPPORTED = (L.InputLayer, L.Flatten, L.Add, L.Concatenate, BetaBernoulliDropout, SelectFeatures) + LINEAR \
+    + GAUSSIAN + _CHANNELWISE
 
 
 @dataclasses.dataclass
@@ -80,13 +88,18 @@ def _check_supported(node, used):
             f"{layer.name} ({type(layer).__name__}) is not supported by complexity(); "
             f"supported layers: {names}."
         )
-    if id(layer) in used:
+    if id(layer) in used and not isinstance(layer, BetaBernoulliDropout):
         raise ValueError(f"{layer.name} is called more than once (shared layer); not supported.")
     used.add(id(layer))
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         raise ValueError(f"{layer.name}: only channels_last data is supported.")
     if isinstance(layer, L.Conv2D) and layer.groups != 1:
         raise ValueError(f"{layer.name}: grouped convolutions (groups={layer.groups}) are not supported.")
+    if isinstance(layer, L.DepthwiseConv2D) and layer.depth_multiplier != 1:
+        raise ValueError(f"{layer.name}: DepthwiseConv2D with depth_multiplier={layer.depth_multiplier} "
+                         "is not supported (only 1: one output channel per input channel).")
+    if isinstance(layer, L.Concatenate) and layer.axis not in (-1, len(node.output.shape) - 1):
+        raise ValueError(f"{layer.name}: Concatenate must join the last (channel) axis, got axis={layer.axis}.")
     last_axis = (-1, len(node.output.shape) - 1)
     if isinstance(layer, L.BatchNormalization) and layer.axis not in last_axis:
         raise ValueError(f"{layer.name}: BatchNormalization must normalize the last axis.")
@@ -99,6 +112,8 @@ def _keeps_zero(layer):
     """Whether the layer maps a dead (all-zero) unit to zero, so it stays dead."""
     if isinstance(layer, (L.BatchNormalization, L.Normalization)):
         return False
+    if isinstance(layer, L.DepthwiseConv2D):
+        return not layer.use_bias
     if isinstance(layer, L.Rescaling):
         return bool(np.all(np.asarray(layer.offset) == 0))
     if isinstance(layer, (L.ReLU, L.Activation)):
@@ -124,7 +139,7 @@ def pruning_graph(model):
     masks = {
         id(layer): np.asarray(keras.ops.convert_to_numpy(layer.active_mask()), bool)
         for layer in layers if isinstance(layer, BetaBernoulliDropout)
-    }
+    }  # one entry per mask layer, however many tensors it is called on
     keeps_zero = {id(layer): _keeps_zero(layer) for layer in layers}
     return PruningGraph(nodes, needed, masks, keeps_zero)
 
@@ -142,6 +157,8 @@ def _forward(node, alive_in, graph, masks):
         return alive_in[0] & masks[id(layer)]
     if isinstance(layer, L.Add):
         return np.logical_or.reduce(alive_in)
+    if isinstance(layer, L.Concatenate):
+        return np.concatenate(alive_in)
     if isinstance(layer, L.Flatten):  # (..., C) -> (positions * C,), channel-last order
         return np.tile(alive_in[0], _units(out) // len(alive_in[0]))
     if isinstance(layer, SelectFeatures):
@@ -158,6 +175,8 @@ def _backward(node, needed_out, masks):
         return [needed_out & masks[id(layer)]]
     if isinstance(layer, L.Flatten):
         return [needed_out.reshape(-1, _units(inputs[0])).any(axis=0)]
+    if isinstance(layer, L.Concatenate):
+        return np.split(needed_out, np.cumsum([_units(t) for t in inputs])[:-1])
     if isinstance(layer, SelectFeatures):
         needed_in = np.zeros(_units(inputs[0]), bool)
         np.logical_or.at(needed_in, layer.indices, needed_out)

@@ -6,6 +6,8 @@ Cin/Cout/in/out are effective unit counts and H, W the output's spatial size:
 
     Conv2D      FLOPs 2*Kh*Kw*Cin*Cout*H*W (+ Cout*H*W bias) (+ Cout*H*W non-linear
                 fused activation); params Kh*Kw*Cin*Cout (+ Cout). groups=1 only.
+    DepthwiseConv2D  FLOPs 2*Kh*Kw*C*H*W (+ C*H*W bias) (+ C*H*W activation); params
+                Kh*Kw*C (+ C). depth_multiplier 1 only (C in = C out).
     Dense       FLOPs 2*in*out (+ out bias) (+ out activation); params in*out (+ out);
                 times the positions if applied to a feature map.
     BatchNormalization  2 FLOPs per element (folded scale + shift); params: every
@@ -17,7 +19,8 @@ Cin/Cout/in/out are effective unit counts and H, W the output's spatial size:
     MaxPooling2D, AveragePooling2D  Kh*Kw FLOPs per output element.
     GlobalAverage/MaxPooling2D  H*W FLOPs per channel (input size).
     Add         1 FLOP per output element per extra input.
-    Flatten, Dropout, InputLayer, SelectFeatures  nothing.
+    Flatten, Dropout, InputLayer, SelectFeatures, ZeroPadding2D, Concatenate  nothing
+                (a padded or joined copy: only its activation memory).
     BetaBernoulliDropout  nothing: its parameters are training-only and its
                 inference mask folds into the previous layer's weights.
     GaussianConv2D, GaussianDense  as Conv2D / Dense for one weight draw, plus 3 FLOPs
@@ -28,6 +31,7 @@ Cin/Cout/in/out are effective unit counts and H, W the output's spatial size:
 
 Activation memory: output elements of every layer but Flatten, Dropout, SelectFeatures
 and BetaBernoulliDropout (views or folded away), the input included; a count of floats.
+A mask called on several tensors (a tied channel group) costs nothing at any of them.
 """
 
 import dataclasses
@@ -89,6 +93,10 @@ def _cost(layer, ins, out, channels, reference=False):
         if isinstance(layer, GAUSSIAN) and not reference:  # a mean and a scale per weight, and the draw
             return 2 * params, flops + 3 * params
         return params, flops
+    if isinstance(layer, L.DepthwiseConv2D):
+        weights = math.prod(_pair(layer.kernel_size)) * out.units
+        per_unit_ops = int(layer.use_bias) + int(layer.activation is not keras.activations.linear)
+        return weights + int(layer.use_bias) * out.units, (2 * weights + per_unit_ops * out.units) * out.positions
     if isinstance(layer, (L.BatchNormalization, L.Normalization)):
         return _channel_params(layer, channels, out.units), 2 * out.elements
     if isinstance(layer, L.Rescaling):
@@ -103,7 +111,7 @@ def _cost(layer, ins, out, channels, reference=False):
         return 0, ins[0].positions * out.units
     if isinstance(layer, L.Add):
         return 0, (len(ins) - 1) * out.elements
-    return 0, 0  # InputLayer, Flatten, Dropout, BetaBernoulliDropout, SelectFeatures
+    return 0, 0  # InputLayer, Flatten, Dropout, BetaBernoulliDropout, SelectFeatures, ZeroPadding2D, Concatenate
 
 
 def layer_costs(graph, effective, reference=False):
@@ -121,7 +129,9 @@ def layer_costs(graph, effective, reference=False):
         ins, out = [deployed(t) for t in node.inputs], deployed(out_tensor)
         params, flops = _cost(layer, ins, out, int(out_tensor.shape[-1]), reference)
         activations = 0 if isinstance(layer, _NO_MEMORY) else out.elements
-        if node.inputs:
+        if isinstance(layer, L.Concatenate):
+            units_in = sum(int(effective[id(t)].sum()) for t in node.inputs)
+        elif node.inputs:
             units_in = int(np.logical_or.reduce([effective[id(t)] for t in node.inputs]).sum())
         else:
             units_in = out.units

@@ -24,9 +24,15 @@ def split_outputs(outputs):
 
 
 def latent_names(backbone):
-    """Names of the layers whose outputs are the backbone's latent features."""
+    """Names of the latent features: the layers whose outputs they are, and for a layer
+    that makes several (one mask on a channel group), `name_2`, `name_3`, ... after the first."""
     _, latents = split_outputs(backbone.output)
-    return [graph.producer(z).layer.name for z in latents]
+    names, seen = [], {}
+    for z in latents:
+        name = graph.producer(z).layer.name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return names
 
 
 def _weighted_layers(model):

@@ -22,8 +22,9 @@ rules, each exact:
   no rule fits multiplies.
 
 Only the logits are computed, so latent features in the middle of a chain need no
-tensor of their own. A graph it cannot walk (nested models, shared layers) is run as
-the backbone itself. The values are recomputed in every call, i.e. inside the
+tensor of their own. A mask called on several tensors (a channel group of
+`models.make_prunable`) multiplies at each. A graph it cannot walk (nested models,
+other shared layers) is run as the backbone itself. The values are recomputed in every call, i.e. inside the
 attack's loop: a few small multiplies, measured faster in bfloat16 than feeding the
 loop tensors folded once outside it.
 """
@@ -123,8 +124,9 @@ def _plan(backbone, choice=kernels.PLAIN):
         nodes = nodes_in_order([logits])
     except ValueError:
         return None
-    if any(isinstance(node.layer, keras.Model) or not called_once(node.layer) for node in nodes):
-        return None
+    if any(isinstance(node.layer, keras.Model)
+           or not (called_once(node.layer) or isinstance(node.layer, BetaBernoulliDropout)) for node in nodes):
+        return None  # a mask shared by a channel group runs as a layer (no chain takes it)
     chains, into_consumer = {}, []
     claimed = set()
     for node in nodes:

@@ -92,6 +92,12 @@ def called_once(layer):
     return len(layer._inbound_nodes) == 1
 
 
+def calls(layer):
+    """Every call of `layer`, in order: one Node each (a mask on a channel group has one
+    per tensor of the group it is applied to)."""
+    return [_view(node) for node in layer._inbound_nodes]
+
+
 def only_node(layer):
     """The node of a layer called once (ValueError for a shared or never-called layer)."""
     if not called_once(layer):
@@ -195,9 +201,10 @@ def commutes_with_scale(layer):
 
     True for a ReLU without max_value or threshold (a leaky one too: it is positively
     homogeneous), a relu or linear Activation, max / average / global pooling, Flatten
-    (the scale repeats at every position of its channel), Dropout and another mask.
+    (the scale repeats at every position of its channel), zero padding, Dropout and
+    another mask.
     """
-    if isinstance(layer, _POOLING + (L.Flatten, L.Dropout, BetaBernoulliDropout)):
+    if isinstance(layer, _POOLING + (L.Flatten, L.Dropout, L.ZeroPadding2D, BetaBernoulliDropout)):
         return True
     if isinstance(layer, L.ReLU):
         return layer.max_value is None and float(layer.threshold) == 0.0

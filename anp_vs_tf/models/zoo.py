@@ -9,6 +9,11 @@ does: 20 + 50 + 800 + 500 = 1370 prunable units, and pruning one of the 800 remo
 row of the largest kernel (800 x 500 of the 431k weights). With `bayesian=True`
 the convolutions and dense layers have mean-field Gaussian weights (AT BNN).
 
+The residual networks (ResNet-20, pre-activation ResNet-18) are written plainly and
+made prunable by `models.make_prunable`, the function a user's own model goes through:
+one mask per channel group, the residual channels a stage's Adds tie together
+included (groups="all") or not ("inner").
+
 Layer names are the same with and without the masks ("conv1", "dense1", "logits",
 ...), which is what lets a pruning run start from a pretrained base model.
 
@@ -20,6 +25,7 @@ would write. Faster kernels for a device are chosen when a step is traced
 import keras
 
 from anp_vs_tf.layers import BetaBernoulliDropout, GaussianConv2D, GaussianDense
+from anp_vs_tf.models.prunable import make_prunable, with_latents
 
 # CIFAR-10 per-channel statistics; VGG standardizes inside the model so that
 # attacks and data stay in [0, 1] pixel space.
@@ -58,11 +64,11 @@ class _Weights:
         self.bayesian_kwargs = dict(bayesian_kwargs or {})
 
     def conv(self, filters, kernel_size, name, padding="valid", activation=None, use_bias=True,
-             kernel_initializer="glorot_uniform"):
+             kernel_initializer="glorot_uniform", strides=1):
         if self.bayesian:
-            return GaussianConv2D(filters, kernel_size, padding=padding, activation=activation,
+            return GaussianConv2D(filters, kernel_size, strides=strides, padding=padding, activation=activation,
                                   use_bias=use_bias, name=name, **self.bayesian_kwargs)
-        return keras.layers.Conv2D(filters, kernel_size, padding=padding, activation=activation,
+        return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, activation=activation,
                                    use_bias=use_bias, kernel_initializer=kernel_initializer, name=name)
 
     def dense(self, units, name, activation=None, use_bias=True, kernel_initializer="glorot_uniform"):
@@ -138,11 +144,100 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=N
     return keras.Model(inputs, hidden.outputs(logits), name="vgg16")
 
 
+def _standardize(inputs):
+    return keras.layers.Normalization(mean=CIFAR_MEAN, variance=[s * s for s in CIFAR_STD],
+                                      name="standardize")(inputs)
+
+
+def _conv_bn(make, x, filters, kernel_size, strides, name, synchronized_bn):
+    x = make.conv(filters, kernel_size, name, padding="same", strides=strides, use_bias=False,
+                  kernel_initializer="he_normal")(x)
+    return keras.layers.BatchNormalization(name=f"{name}_bn", synchronized=synchronized_bn)(x)
+
+
+def _residual(builder, prunable, groups, mask_kwargs):
+    """The residual network `builder()` with its latents, or, prunable, its `make_prunable` copy."""
+    model = builder()
+    if not prunable:
+        return with_latents(model, groups)
+    return make_prunable(model, groups=groups, mask_kwargs=mask_kwargs)
+
+
+def resnet20(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None, bayesian_kwargs=None,
+             synchronized_bn=False, groups="all", width=16):
+    """ResNet-20 for CIFAR (He et al. 2016, section 4.2): a 3x3 conv, three stages of three
+    post-activation basic blocks of `width`, 2 and 4 x `width` channels, global pooling,
+    the classifier; a 1x1 conv + BN shortcut where a stage halves the map (option B).
+    0.27M weights, ~41M multiply-adds per image: the CPU-sized residual net.
+
+    Prunable: one mask per channel group (`models.make_prunable`): the inner channel
+    of each block and, with groups="all", each stage's residual channels.
+    """
+    make = _Weights(bayesian_kwargs)
+
+    def build():
+        inputs = keras.Input(input_shape, name="image")
+        x = keras.layers.ReLU(name="stem_relu")(
+            _conv_bn(make, _standardize(inputs), width, 3, 1, "stem", synchronized_bn))
+        for stage, filters in enumerate((width, 2 * width, 4 * width), start=1):
+            for block in range(1, 4):
+                name, strides = f"s{stage}b{block}", 2 if stage > 1 and block == 1 else 1
+                h = keras.layers.ReLU(name=f"{name}_relu1")(
+                    _conv_bn(make, x, filters, 3, strides, f"{name}_conv1", synchronized_bn))
+                h = _conv_bn(make, h, filters, 3, 1, f"{name}_conv2", synchronized_bn)
+                shortcut = x if strides == 1 else _conv_bn(make, x, filters, 1, strides, f"{name}_shortcut",
+                                                           synchronized_bn)
+                x = keras.layers.ReLU(name=f"{name}_relu")(keras.layers.Add(name=f"{name}_add")([h, shortcut]))
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+        return keras.Model(inputs, make.dense(num_classes, "logits")(x), name="resnet20")
+
+    return _residual(build, prunable, groups, mask_kwargs)
+
+
+def preact_resnet18(input_shape=(32, 32, 3), num_classes=10, prunable=False, mask_kwargs=None,
+                    bayesian_kwargs=None, synchronized_bn=False, groups="all"):
+    """Pre-activation ResNet-18 for CIFAR (He et al. 2016b), the robust-pruning benchmarks'
+    network: a 3x3 conv of 64, four stages of two blocks (BN, ReLU, conv) of 64, 128,
+    256 and 512 channels, a 1x1 conv shortcut where the shape changes, BN, ReLU, global
+    pooling, the classifier. 11.2M weights, ~0.56G multiply-adds per image.
+
+    Prunable: as `resnet20`.
+    """
+    make = _Weights(bayesian_kwargs)
+
+    def bn_relu(x, name):
+        x = keras.layers.BatchNormalization(name=f"{name}_bn", synchronized=synchronized_bn)(x)
+        return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+    def conv(x, filters, kernel_size, strides, name):
+        return make.conv(filters, kernel_size, name, padding="same", strides=strides, use_bias=False,
+                         kernel_initializer="he_normal")(x)
+
+    def build():
+        inputs = keras.Input(input_shape, name="image")
+        x = conv(_standardize(inputs), 64, 3, 1, "stem")
+        for stage, filters in enumerate((64, 128, 256, 512), start=1):
+            for block in range(1, 3):
+                name, strides = f"s{stage}b{block}", 2 if stage > 1 and block == 1 else 1
+                out = bn_relu(x, f"{name}_pre")
+                shortcut = x if strides == 1 and x.shape[-1] == filters else conv(
+                    out, filters, 1, strides, f"{name}_shortcut")
+                h = conv(out, filters, 3, strides, f"{name}_conv1")
+                h = conv(bn_relu(h, f"{name}_mid"), filters, 3, 1, f"{name}_conv2")
+                x = keras.layers.Add(name=f"{name}_add")([h, shortcut])
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(bn_relu(x, "final"))
+        return keras.Model(inputs, make.dense(num_classes, "logits")(x), name="preact_resnet18")
+
+    return _residual(build, prunable, groups, mask_kwargs)
+
+
 # name -> (builder, the input shape the architecture is defined for)
 MODELS = {
     "lenet_300_100": (lenet_300_100, (28, 28, 1)),
     "lenet5_caffe": (lenet5_caffe, (28, 28, 1)),
     "vgg16": (vgg16, (32, 32, 3)),
+    "resnet20": (resnet20, (32, 32, 3)),
+    "preact_resnet18": (preact_resnet18, (32, 32, 3)),
 }
 
 
