@@ -47,3 +47,25 @@ def test_a_budget_without_room_for_one_epoch_says_what_to_do(paper_table):
     per_epoch = {name: 100.0 for name in paper_table.METHODS}
     with pytest.raises(SystemExit, match="raise --budget_minutes or use --train_subset"):
         paper_table.plan_epochs(600.0, per_epoch, 20.0, 10)
+
+
+def test_a_subset_of_methods_plans_for_those_only(paper_table):
+    methods = ("standard", "at", "anp", "anp_vs")
+    per_epoch = {name: 60.0 for name in methods}
+    # By hand: 4 models x 2.4 passes x 100 s (no AT BNN draws) = 960 s, 5 x 70 s of
+    # overhead = 350 s; one epoch of the 4 and the source = 300 s;
+    # (7200 / 1.08 - 1310) / 300 = 17.855 -> 17 epochs.
+    assert paper_table.plan_epochs(7200.0, per_epoch, 100.0, 10, methods) == 17
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "at,nope"], "unknown nope"),
+    (["--methods", "anp_vs"], "start from the standard model; add standard"),
+    (["--model", "resnet99"], "unknown model 'resnet99'"),
+    (["--dataset", "mnist", "--model", "resnet20"], "expects 32x32x3 images"),
+])
+def test_bad_arguments_fail_in_one_line_before_any_work(paper_table, argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        paper_table.main(argv + ["--out_dir", "/nonexistent/never/written"])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
