@@ -13,6 +13,7 @@ import keras
 from anp_vs_tf import attacks, data, precision
 from anp_vs_tf.config import ConfigError
 from anp_vs_tf.models import build_model, check_input_shape, transfer_weights
+from anp_vs_tf.models.zoo import RESIDUAL
 from anp_vs_tf.trainers import RobustModel, get_method, load_robust_model, method_switches
 
 
@@ -74,6 +75,7 @@ def build(config, info, method_name=None, init_from=None, epochs=None):
                 dict(prior_stddev=config.bnn_prior_stddev, init_rho=config.bnn_init_rho, seed=config.seed)
                 if method.bayesian else None
             ),
+            **(dict(groups=config.mask_groups) if config.model in RESIDUAL else {}),
         )
     if init_from is not None:
         base = load_model_file(init_from, "--init_from")

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 from anp_vs_tf.distribute import STRATEGIES
 from anp_vs_tf.errors import ConfigError
 from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
+from anp_vs_tf.models.prunable import GROUPINGS
+from anp_vs_tf.models.zoo import RESIDUAL
 from anp_vs_tf.trainers import method_names, method_switches
 
 # The authors' settings (reference/paper-results.md). step_size is the PGD step in
@@ -66,6 +68,7 @@ class RunConfig:
     adv_weight: float = 2.0
     beta_kl: Optional[float] = None
     kl_weighting: str = "uniform"
+    mask_groups: str = "all"
     target_flops_speedup: Optional[float] = None
     target_memory_pct: Optional[float] = None
     finetune_fraction: float = 0.3
@@ -142,6 +145,11 @@ class RunConfig:
         need(self.pgd_steps >= 1 and self.eval_pgd_steps >= 1, "PGD step counts must be >= 1.")
         need(self.epochs >= 0 and self.pretrain_epochs >= 0, "epoch counts must be >= 0.")
         need(self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1.")
+        need(self.mask_groups in GROUPINGS,
+             f"unknown mask_groups {self.mask_groups!r}; choose one of {', '.join(GROUPINGS)}.")
+        need(self.mask_groups == "all" or self.model in RESIDUAL,
+             f"--mask_groups={self.mask_groups} applies to the residual models ({', '.join(RESIDUAL)}); "
+             f"{self.model} has no residual channels.")
         need(self.kl_weighting in KL_WEIGHTINGS,
              f"unknown kl_weighting {self.kl_weighting!r}; choose one of {', '.join(KL_WEIGHTINGS)}.")
         for flag in ("target_flops_speedup", "target_memory_pct"):

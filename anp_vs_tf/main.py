@@ -15,6 +15,7 @@ from anp_vs_tf import experiment
 from anp_vs_tf.config import AUTOATTACK_VERSIONS, DATASET_PRESETS, MODES, TUNERS, RunConfig
 from anp_vs_tf.errors import ConfigError, Interrupted, SearchFailed
 from anp_vs_tf.metrics.unit_costs import KL_WEIGHTINGS
+from anp_vs_tf.models.prunable import GROUPINGS
 from anp_vs_tf.checkpointing import TrainingDiverged
 from anp_vs_tf.data import DataError
 from anp_vs_tf.distribute import STRATEGIES
@@ -26,7 +27,8 @@ flags.DEFINE_enum("mode", "train", MODES, "train a model, eval a saved one (--mo
                   "it, pruned units removed, as a SavedModel for TF Serving (--export_dir, --version), "
                   "or tune the method's settings with keras-tuner (--tuner, --max_trials, --min_sparsity).")
 flags.DEFINE_enum("method", "anp_vs", method_names(), "training method.")
-flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16 (default: per dataset).")
+flags.DEFINE_string("model", None, "architecture: lenet_300_100, lenet5_caffe, vgg16, resnet20, "
+                    "preact_resnet18 (default: per dataset).")
 flags.DEFINE_enum("dataset", "mnist", list(DATASET_PRESETS), "data set ('folder': your own tree at --data_dir).")
 flags.DEFINE_string("data_dir", None, "folder with the data (IDX files or train/ and test/ image folders); "
                     "default: $ANP_VS_DATA_DIR, then system packages, then tensorflow-datasets.")
@@ -47,6 +49,9 @@ flags.DEFINE_integer("eval_pgd_steps", 40, "PGD steps in evaluation.")
 flags.DEFINE_float("eval_step_size", None, "PGD step size in evaluation (default: the dataset's step size).")
 flags.DEFINE_float("adv_weight", 2.0, "w in (CE(x) + w CE(x_adv)) / (1 + w).")
 flags.DEFINE_float("beta_kl", None, "beta: weight of the masks' KL per training example (default: per dataset).")
+flags.DEFINE_enum("mask_groups", "all", list(GROUPINGS),
+                  "residual models: mask every channel group (all), or leave the channels a residual "
+                  "Add ties together unmasked (inner: only the channels inside the blocks).")
 flags.DEFINE_enum("kl_weighting", "uniform", list(KL_WEIGHTINGS),
                   "the masks' KL per unit: uniform (the paper's), or weighted by what a unit costs (flops, params, memory).")
 flags.DEFINE_float("target_flops_speedup", None,

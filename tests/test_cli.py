@@ -58,6 +58,7 @@ BAD_INPUTS = [
     (["--dataset=cifar100"], "no cifar100 data found"),
     (["--mode=eval"], "--model_path"),
     (["--lr_decay_at=0.5,1.5"], "lr_decay_at"),
+    (["--mask_groups=inner"], "applies to the residual models (resnet20, preact_resnet18)"),
     (["--mode=export", "--model_path=bad.cfg"], "--export_dir"),
     (["--mode=export", "--model_path=bad.cfg", "--export_dir=exported"], "not a .keras model"),
     (["--method=pre_at"], "pretrained"),

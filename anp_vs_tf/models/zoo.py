@@ -231,6 +231,9 @@ def preact_resnet18(input_shape=(32, 32, 3), num_classes=10, prunable=False, mas
     return _residual(build, prunable, groups, mask_kwargs)
 
 
+# The residual networks: made prunable by channel groups (`groups="all"` or "inner").
+RESIDUAL = ("resnet20", "preact_resnet18")
+
 # name -> (builder, the input shape the architecture is defined for)
 MODELS = {
     "lenet_300_100": (lenet_300_100, (28, 28, 1)),
