@@ -22,8 +22,11 @@ Rows:
            over the 15 mask layers (l = 0 conv1 ... 14 dense2: later, wider layers pruned
            more, as Beta-Bernoulli pruning does), with r_0 and q fitted so that
            complexity() gives both totals.
-Which units a VGG layer keeps is drawn at random (seeded); latency depends only on how
-many. Inputs are uniform random images. FLOPs speed-ups come from metrics.complexity.
+  resnet20/half   an untrained ResNet-20 (one mask per channel group, `make_prunable`)
+           keeping half of every group: residual compaction, where the Adds get a
+           Rescaling by the masks that a sum cannot take into a kernel.
+Which units a VGG or ResNet layer keeps is drawn at random (seeded); latency depends only
+on how many. Inputs are uniform random images. FLOPs speed-ups come from metrics.complexity.
 """
 
 import argparse
@@ -69,6 +72,12 @@ def set_keep_ratios(model, ratios, seed=0):
 def vgg16_with_masks(seed=0):
     keras.utils.set_random_seed(seed)
     return RobustModel(models.vgg16(prunable=True), get_method("anp", num_train_examples=50000),
+                       adversary=attacks.PGD(0.03, 0.007, 1), seed=seed)
+
+
+def resnet20_with_masks(seed=0):
+    keras.utils.set_random_seed(seed)
+    return RobustModel(models.resnet20(prunable=True), get_method("anp", num_train_examples=50000),
                        adversary=attacks.PGD(0.03, 0.007, 1), seed=seed)
 
 
@@ -205,7 +214,10 @@ def main():
     set_keep_ratios(vgg_lenet, lenet_ratios_on_vgg(lenet, vgg_lenet))
     vgg_paper = vgg16_with_masks()
     set_keep_ratios(vgg_paper, paper_ratios(vgg_paper))
-    networks = {"lenet5": lenet, "vgg16/lenet-ratios": vgg_lenet, "vgg16/paper-ratios": vgg_paper}
+    resnet = resnet20_with_masks()
+    set_keep_ratios(resnet, [0.5] * len(resnet.mask_layers))
+    networks = {"lenet5": lenet, "vgg16/lenet-ratios": vgg_lenet, "vgg16/paper-ratios": vgg_paper,
+                "resnet20/half": resnet}
     for name, model in networks.items():
         ratios = ", ".join(f"{k[:-4]} {v:.2f}" for k, v in keep_ratios(model).items())
         print(f"{name} keep ratios: {ratios}")

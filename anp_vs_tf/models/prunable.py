@@ -181,12 +181,9 @@ def with_latents(model, groups="all"):
     the tensors `make_prunable(model, groups)` would mask: an unmasked backbone whose
     vulnerability is measured where the pruned one's is."""
     _single_image_classifier(model)
-    latents = [point for _, point in sorted(_mask_points(model, groups), key=lambda p: _order(model)[id(p[1])])]
+    points = {id(point) for _, point in _mask_points(model, groups)}
+    latents = [node.output for node in graph.nodes_in_order(list(model.outputs)) if id(node.output) in points]
     return keras.Model(model.inputs[0], {"logits": model.outputs[0], "latents": latents}, name=model.name)
-
-
-def _order(model):
-    return {id(node.output): i for i, node in enumerate(graph.nodes_in_order(list(model.outputs)))}
 
 
 def _single_image_classifier(model):
