@@ -24,9 +24,9 @@ rules, each exact:
 Only the logits are computed, so latent features in the middle of a chain need no
 tensor of their own. A mask called on several tensors (a channel group of
 `models.make_prunable`) multiplies at each. A graph it cannot walk (nested models,
-other shared layers) is run as the backbone itself. The values are recomputed in every call, i.e. inside the
-attack's loop: a few small multiplies, measured faster in bfloat16 than feeding the
-loop tensors folded once outside it.
+other shared layers) is run as the backbone itself. The values are recomputed in every
+call, i.e. inside the attack's loop: a few small multiplies, measured faster in
+bfloat16 than feeding the loop tensors folded once outside it.
 """
 
 import keras
